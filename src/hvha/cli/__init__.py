@@ -1,0 +1,1 @@
+"""Command-line entry points and rendering; no decisions are made here."""
