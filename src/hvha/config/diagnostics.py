@@ -177,4 +177,5 @@ CODES: dict[str, str] = {
     "HV321": "interval-too-short",
     "HV322": "no-witness",
     "HV323": "timeout-order",
+    "HV324": "os-mismatch",
 }

@@ -1,0 +1,152 @@
+"""Semantic rules about modules: replicated paths, ports, policy references, dependencies."""
+
+from __future__ import annotations
+
+import ntpath
+import posixpath
+from typing import Any
+
+import networkx as nx
+
+from hvha.config.diagnostics import Path
+from hvha.config.rules import WIN_ABS, Ctx, node_addresses
+
+
+def _norm(path: str, windows: bool) -> tuple[str, ...]:
+    if windows:
+        parts = ntpath.normpath(path).rstrip("\\").lower().split("\\")
+    else:
+        parts = posixpath.normpath(path).rstrip("/").split("/")
+    return tuple(p for p in parts if p)
+
+
+def rule_paths(ctx: Ctx) -> None:
+    """Path style per kind; no directory replicated twice or nested in another one."""
+    seen: list[tuple[tuple[str, ...], Path, str]] = []
+    for i, mod in ctx.items("modules"):
+        kind = mod.get("kind")
+        windows = kind == "hyperv"
+        payload = mod.get("payload") if isinstance(mod.get("payload"), dict) else {}
+        assert isinstance(payload, dict)
+        paths: list[tuple[Path, Any]] = [(("modules", i, "payload", k), payload.get(k))
+                                         for k in ("directory", "domain_xml") if k in payload]
+        replicated = mod.get("replicated")
+        rep = [(j, r) for j, r in enumerate(replicated if isinstance(replicated, list) else [])
+               if isinstance(r, dict) and isinstance(r.get("path"), str)]
+        paths += [(("modules", i, "replicated", j, "path"), r["path"]) for j, r in rep]
+        for path, value in paths:
+            if not isinstance(value, str):
+                continue
+            if windows and not WIN_ABS.match(value):
+                ctx.err("HV307", path, f"`{value}` is not an absolute Windows path; Hyper-V "
+                        "modules run on Windows", r"write it like D:\VMs\vm1 (quote it in YAML)")
+            elif not windows and not value.startswith("/"):
+                ctx.err("HV307", path, f"`{value}` is not an absolute POSIX path; {kind} modules "
+                        "run on Linux", "write it like /var/lib/vms/vm1")
+        name = str(mod.get("name"))
+        for j, r in rep:
+            if windows != bool(WIN_ABS.match(r["path"])):
+                continue
+            key = _norm(r["path"], windows)
+            path = ("modules", i, "replicated", j, "path")
+            for other, other_path, other_mod in seen:
+                which = "another directory of this module" if other_mod == name else (
+                    f"module '{other_mod}'")
+                if other == key:
+                    ctx.err("HV305", path, f"`{r['path']}` is already replicated by {which}",
+                            "replicate each directory once, in one module")
+                elif key[: len(other)] == other or other[: len(key)] == key:
+                    inner, outer = (r["path"], which) if len(key) > len(other) else (
+                        f"a directory of {which}", f"`{r['path']}`")
+                    ctx.err("HV306", path, f"{inner} is nested inside {outer}",
+                            "replicated directories must not overlap: move one of them")
+            seen.append((key, path, name))
+        directory = payload.get("directory")
+        if kind in ("kvm", "hyperv") and isinstance(directory, str) and rep:
+            d = _norm(directory, windows)
+            if not any(d[: len(_norm(r["path"], windows))] == _norm(r["path"], windows)
+                       for _, r in rep):
+                ctx.err("HV320", ("modules", i, "payload", "directory"),
+                        f"the VM directory `{directory}` is not replicated: the VM could not "
+                        "start on the other node", "add it to `replicated:` (or leave "
+                        "`replicated:` out: it defaults to the VM directory)")
+
+
+def rule_ports(ctx: Ctx) -> None:
+    used: dict[int, tuple[str, Path]] = {}
+
+    def claim(port: Any, what: str, path: Path) -> None:
+        if not isinstance(port, int) or isinstance(port, bool):
+            return
+        if port in used and used[port][0] != what:
+            ctx.err("HV310", path, f"port {port} ({what}) is already used by {used[port][0]}",
+                    "give each listener on the nodes its own port")
+        used.setdefault(port, (what, path))
+
+    hb, repl = ctx.data.get("heartbeat"), ctx.data.get("replication")
+    if isinstance(hb, dict):
+        claim(hb.get("port"), "heartbeat", ("heartbeat", "port"))
+    if isinstance(repl, dict):
+        claim(repl.get("port"), "replication", ("replication", "port"))
+    for i, mod in ctx.items("modules"):
+        mr = mod.get("replication")
+        if isinstance(mr, dict) and "port" in mr:
+            claim(mr["port"], f"replication of module '{mod.get('name')}'",
+                  ("modules", i, "replication", "port"))
+
+
+def rule_references(ctx: Ctx) -> None:
+    """Preferred primary is a node; dependencies name modules and form no cycle."""
+    names = set(ctx.node_names())
+    modules = {m.get("name"): i for i, m in ctx.items("modules") if isinstance(m.get("name"), str)}
+    graph = nx.DiGraph()
+    for i, mod in ctx.items("modules"):
+        failover = mod.get("failover")
+        pref = failover.get("preferred") if isinstance(failover, dict) else None
+        if isinstance(pref, str) and pref != "none" and pref not in names:
+            ctx.err("HV311", ("modules", i, "failover", "preferred"), f"preferred primary "
+                    f"'{pref}' is not a node of this cluster",
+                    f"use one of: {', '.join(sorted(names))}, or none")
+        deps = mod.get("depends_on")
+        for j, dep in enumerate(deps if isinstance(deps, list) else []):
+            if not isinstance(dep, str):
+                continue
+            if dep not in modules or dep == mod.get("name"):
+                why = "itself" if dep == mod.get("name") else f"unknown module '{dep}'"
+                ctx.err("HV317", ("modules", i, "depends_on", j), f"depends on {why}",
+                        f"modules are: {', '.join(sorted(map(str, modules)))}")
+            else:
+                graph.add_edge(dep, mod.get("name"))
+    for cycle in nx.simple_cycles(graph):
+        first = min(cycle, key=lambda m: modules[m])
+        ring = " -> ".join(f"module/{m}" for m in [*cycle, cycle[0]])
+        ctx.err("HV316", ("modules", modules[first], "depends_on"), f"dependency cycle: {ring}",
+                "remove one of these `depends_on` entries", at_key=True)
+
+
+def rule_kinds(ctx: Ctx) -> None:
+    """Checkers fit the module kind; VM kinds run on nodes of the right OS."""
+    oses = {str(n.get("name")): n.get("os") for _, n in ctx.nodes()}
+    for i, mod in ctx.items("modules"):
+        kind = mod.get("kind")
+        checkers = mod.get("checkers")
+        for j, c in enumerate(checkers if isinstance(checkers, list) else []):
+            if isinstance(c, dict) and c.get("type") == "vm_state" and kind == "app":
+                ctx.err("HV318", ("modules", i, "checkers", j, "type"), "a vm_state checker "
+                        "watches a VM; this module runs an application",
+                        "use a process, tcp or script checker for an app")
+        want = {"hyperv": "windows", "kvm": "linux"}.get(str(kind))
+        for node, os_name in oses.items():
+            if want and os_name != want:
+                ctx.err("HV324", ("modules", i, "kind"), f"a {kind} module needs {want} nodes; "
+                        f"node '{node}' is {os_name}", "put this module in a cluster of "
+                        f"{want} nodes, or set the node's `os:`/transport correctly")
+
+
+def rule_duplicate_addresses(ctx: Ctx) -> None:
+    owners: dict[Any, tuple[str, Path]] = {}
+    for name, ip, path in node_addresses(ctx):
+        if ip in owners and owners[ip][0] != name:
+            ctx.err("HV319", path, f"address {ip} is also used by node '{owners[ip][0]}'",
+                    "each node needs its own addresses")
+        owners.setdefault(ip, (name, path))

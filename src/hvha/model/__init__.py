@@ -1,0 +1,1 @@
+"""The typed cluster model: frozen dataclasses built only from validated input."""
