@@ -32,7 +32,10 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("compile", help="render one bundle per node into a directory")
     p.add_argument("file")
-    p.add_argument("-o", "--output", required=True, help="output directory (one folder per node)")
+    p.add_argument("-o", "--output", required=True,
+                   help="output directory: <node>.bundle (tar) and <node>.bundle.sha256 per node")
+    p.add_argument("--expand", action="store_true",
+                   help="also write each bundle as a readable tree <node>/")
     p.set_defaults(func=cmd_compile)
 
 
@@ -104,7 +107,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a directory: choose another -o")
     try:
-        paths = write_bundles(bundles, out)
+        paths = write_bundles(bundles, out, expand=args.expand)
     except OSError as exc:
         raise UserError(f"cannot write bundles to {out}: {exc.strerror or exc}") from None
     for bundle, path in zip(bundles, paths, strict=True):

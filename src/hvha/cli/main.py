@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except Exception as exc:  # noqa: BLE001 - last line of defence: never show a raw traceback
+    except Exception as exc:
         if os.environ.get("HVHA_DEBUG"):
             traceback.print_exc()
         sys.stderr.write(

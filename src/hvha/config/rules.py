@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-
-from hvha.config.diagnostics import Path, Severity, format_path
+from hvha.config.diagnostics import Path, Severity
 from hvha.config.loader import Document
 from hvha.model.units import parse_duration
 
@@ -62,7 +61,7 @@ def _ip(value: Any) -> IP | None:
 
 def node_addresses(ctx: Ctx) -> list[tuple[str, IP, Path]]:
     """(node name, address, path) for every IP a node uses (management and heartbeat)."""
-    out = []
+    out: list[tuple[str, IP, Path]] = []
     for i, node in ctx.nodes():
         name = str(node.get("name"))
         ip = _ip(node.get("address"))
@@ -199,8 +198,8 @@ def rule_timing(ctx: Ctx) -> None:
     hb = ctx.data.get("heartbeat")
     if isinstance(hb, dict):
         try:
-            interval = parse_duration(hb.get("interval"))
-            timeout = parse_duration(hb.get("timeout"))
+            interval = parse_duration(str(hb.get("interval")))
+            timeout = parse_duration(str(hb.get("timeout")))
         except ValueError:
             return
         if interval < 0.1:

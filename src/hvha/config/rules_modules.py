@@ -49,7 +49,7 @@ def rule_paths(ctx: Ctx) -> None:
                 continue
             key = _norm(r["path"], windows)
             path = ("modules", i, "replicated", j, "path")
-            for other, other_path, other_mod in seen:
+            for other, _other_path, other_mod in seen:
                 which = "another directory of this module" if other_mod == name else (
                     f"module '{other_mod}'")
                 if other == key:

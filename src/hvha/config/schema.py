@@ -76,8 +76,9 @@ def _explain(error: ValidationError) -> list[tuple[str, Path, str, str, bool]]:
     path: Path = tuple(error.absolute_path)
     schema = error.schema if isinstance(error.schema, dict) else {}
     hint = str(schema.get("x-hint", ""))
-    code = schema.get("x-codes", {}).get(error.validator)
-    kw, inst = error.validator, error.instance
+    kw, inst = str(error.validator), error.instance
+    code: str | None = schema.get("x-codes", {}).get(kw)
+    value: Any = error.validator_value
 
     if kw == "additionalProperties" and isinstance(inst, dict):
         known = sorted(schema.get("properties", {}))
@@ -89,17 +90,17 @@ def _explain(error: ValidationError) -> list[tuple[str, Path, str, str, bool]]:
             out.append(("HV201", (*path, key), f"unknown key '{key}'", fix, True))
         return out
     if kw == "required":
-        missing = [k for k in error.validator_value if isinstance(inst, dict) and k not in inst]
+        missing = [k for k in value if isinstance(inst, dict) and k not in inst]
         return [("HV202", path, f"'{k}' is required here",
                  hint or f"add `{k}:` (see docs/configuration.md)", False) for k in missing]
     if kw == "type":
-        want = error.validator_value
+        want = value
         wants = want if isinstance(want, list) else [want]
-        words = " or ".join(_TYPE_WORDS.get(w, w) for w in wants)
+        words = " or ".join(_TYPE_WORDS.get(str(w), str(w)) for w in wants)
         return [(code or "HV203", path, f"expected {words}, found {_describe(inst)} "
                  f"`{_show(inst)}`", hint or f"write {words} here", False)]
     if kw == "enum":
-        choices = [str(c) for c in error.validator_value]
+        choices = [str(c) for c in value]
         near = difflib.get_close_matches(str(inst), choices, n=1, cutoff=0.5)
         fix = f"did you mean '{near[0]}'?" if near else f"use one of: {', '.join(choices)}"
         return [(code or "HV204", path,
@@ -108,13 +109,13 @@ def _explain(error: ValidationError) -> list[tuple[str, Path, str, str, bool]]:
         return [(code or "HV204", path, f"`{_show(inst)}` is not well formed",
                  hint or str(schema.get("description", "")), False)]
     if kw in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
-        bound = error.validator_value
+        bound = value
         rel = "at least" if "inimum" in kw else "at most"
         return [(code or "HV204", path, f"{_show(inst)} is out of range: must be {rel} {bound}",
                  hint or f"use a value {rel} {bound}", False)]
     if kw in ("minItems", "maxItems"):
         return [(code or "HV204", path, f"this list needs {kw[:3]}imum "
-                 f"{error.validator_value} item(s)", hint or "add or remove items", False)]
+                 f"{value} item(s)", hint or "add or remove items", False)]
     if kw in ("minProperties", "maxProperties"):
         keys = ", ".join(sorted(inst)) if isinstance(inst, dict) else ""
         what = "is empty" if kw == "minProperties" else f"has too many keys ({keys})"

@@ -7,10 +7,10 @@ Durations are seconds (float); every field has its effective value (no "None mea
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     HYPERV = "hyperv"
     KVM = "kvm"
     APP = "app"

@@ -1,0 +1,1 @@
+"""Node runtime: the agent, its state machine, heartbeats, witness, checkers."""
