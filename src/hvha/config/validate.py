@@ -56,8 +56,14 @@ def validate_document(doc: Document) -> Validation:
     check_schema(doc)
     effective, applied = apply_defaults(doc.data, load_schema())
     ctx = Ctx(doc, effective)
+    shape_ok = doc.report.ok
     for rule in RULES:
-        rule(ctx)
+        try:
+            rule(ctx)
+        except (TypeError, AttributeError, KeyError, ValueError, IndexError):
+            if shape_ok:
+                raise  # a well-formed file must never trip a rule: that is a bug in hvha
+            # The schema already reported what is malformed; this rule cannot judge the rest.
     cluster = build_cluster(effective, applied) if doc.report.ok else None
     return Validation(doc, effective, applied, cluster)
 

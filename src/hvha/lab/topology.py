@@ -11,7 +11,7 @@ does not carry its prefix.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
@@ -316,8 +316,9 @@ def conflicts(topo: Topology, obs: Observed) -> list[str]:
                         f"interface {link.name} has {addr}, inside the lab's {net.name} subnet "
                         f"{net.subnet}"
                     )
+        reported = {f.split()[1] for f in found}
         for route in obs.root_routes:
-            if route.dst in ("default", "0.0.0.0/0") or route.dev in ours:
+            if route.dst in ("default", "0.0.0.0/0") or route.dev in ours | reported:
                 continue
             if IPv4Network(route.dst, strict=False).overlaps(net.subnet):
                 found.append(

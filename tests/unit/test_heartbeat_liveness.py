@@ -1,0 +1,126 @@
+"""Liveness on a fake monotonic clock, and the heartbeat config checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from hvha.agent.heartbeat import HeartbeatConfig, HeartbeatNetwork, LinkState, Liveness
+
+
+class FakeClock:
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_never_heard_is_not_alive() -> None:
+    clock = FakeClock()
+    live = Liveness(["lan", "crossover"], timeout=5.0, clock=clock)
+    assert not live.peer_alive()
+    assert live.last_heard() is None
+    assert live.age("lan") is None
+    assert live.state("lan") is LinkState.DOWN
+
+
+def test_one_silent_network_keeps_peer_alive() -> None:
+    clock = FakeClock()
+    live = Liveness(["lan", "crossover"], timeout=5.0, clock=clock)
+    for _ in range(20):  # only "lan" carries frames, for 20 s
+        live.heard("lan")
+        clock.advance(1.0)
+    assert live.peer_alive()
+    assert live.state("lan") is LinkState.UP
+    assert live.state("crossover") is LinkState.DOWN
+    assert live.age("lan") == pytest.approx(1.0)
+    assert live.snapshot()["crossover"] == {"state": "down", "age": None}
+
+
+def test_all_networks_silent_past_timeout_is_dead_then_alive_again() -> None:
+    clock = FakeClock()
+    live = Liveness(["lan", "crossover"], timeout=5.0, clock=clock)
+    live.heard("lan")
+    clock.advance(0.5)
+    live.heard("crossover")
+    last = clock.now
+    clock.advance(4.9)
+    assert live.peer_alive()  # crossover heard 4.9 s ago
+    assert live.state("lan") is LinkState.DOWN  # lan silent for 5.4 s
+    clock.advance(0.2)
+    assert not live.peer_alive()
+    assert live.last_heard() == last
+    assert {live.state(n) for n in live.networks} == {LinkState.DOWN}
+    live.heard("crossover")
+    assert live.peer_alive()
+    assert live.state("crossover") is LinkState.UP
+
+
+def test_explicit_now_and_stale_now_ignored() -> None:
+    live = Liveness(["lan"], timeout=3.0, clock=lambda: 0.0)
+    live.heard("lan", now=100.0)
+    live.heard("lan", now=90.0)  # out-of-order caller: never moves last-heard backwards
+    assert live.last_heard() == 100.0
+    assert live.peer_alive(now=102.9)
+    assert not live.peer_alive(now=103.0)
+
+
+def test_unknown_network_is_a_caller_bug() -> None:
+    live = Liveness(["lan"], timeout=3.0)
+    with pytest.raises(KeyError):
+        live.heard("wifi")
+
+
+NETS = [("lan", "10.0.0.1", "10.0.0.2"), ("crossover", "192.168.9.1", "192.168.9.2")]
+
+
+def config(**overrides: object) -> HeartbeatConfig:
+    fields: dict[str, object] = {
+        "node": "a",
+        "peer": "b",
+        "cluster": "lab",
+        "key": b"k" * 32,
+        "networks": NETS,
+    }
+    fields.update(overrides)
+    return HeartbeatConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_config_defaults_and_normalised_networks() -> None:
+    cfg = config()
+    assert (cfg.interval, cfg.timeout, cfg.port) == (1.0, 5.0, 4800)
+    assert cfg.networks == (
+        HeartbeatNetwork("lan", "10.0.0.1", "10.0.0.2"),
+        HeartbeatNetwork("crossover", "192.168.9.1", "192.168.9.2"),
+    )
+    assert "k" * 32 not in repr(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"interval": 0.05}, "interval must be at least 0.1 s"),
+        ({"interval": float("nan")}, "interval must be at least 0.1 s"),
+        ({"interval": 1.0, "timeout": 2.9}, r"timeout \(2.9 s\) must be at least 3 x"),
+        ({"port": 0}, "port"),
+        ({"peer": "a"}, "must differ"),
+        ({"node": "n" * 65}, "node name"),
+        ({"key": b"short"}, "at least 16 bytes"),
+        ({"networks": []}, "at least one heartbeat network"),
+        ({"networks": [NETS[0], NETS[0]]}, "unique"),
+        ({"networks": [("lan", "eth0", "10.0.0.2")]}, "'lan'"),
+        ({"networks": [("lan", "10.0.0.1", "fe80::2")]}, "IP versions differ"),
+        ({"networks": [("lan", "10.0.0.1", "0.0.0.0")]}, "unicast"),
+    ],
+)
+def test_config_rejections(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        config(**overrides)
+
+
+def test_config_minimum_ratio_accepted() -> None:
+    cfg = config(interval=0.1, timeout=0.3)  # 3 * 0.1 is 0.30000000000000004 in floats
+    assert cfg.timeout == 0.3
