@@ -30,7 +30,8 @@ def cluster_yaml(n: int) -> str:
                 "    checkers:",
                 f"      - {{name: http, type: tcp, host: 10.0.0.11, port: {8000 + i % 1000}}}",
                 f"      - {{name: proc, type: process, process: app{i}}}",
-                f"    failover: {{preferred: n{1 + i % 2}, restart_budget: {{count: 3, window: 24h}}}}",
+                f"    failover: {{preferred: n{1 + i % 2}, "
+                "restart_budget: {count: 3, window: 24h}}",
                 f"    variables: {{INSTANCE: '{i}'}}",
             ]
         else:

@@ -178,6 +178,7 @@ def _probe_files() -> list[dict[str, Any]]:
             {"name": "b", "address": "10.0.0.2", "transport": {"type": "winrm"}},
         ],
         "heartbeat": {"networks": [{"name": "lan"}]},
+        "witness": {"arbiter": {"address": "10.0.0.3"}},
         "modules": [
             {"name": "app", "kind": "app", "payload": {"start": "x", "stop": "y"},
              "checkers": checkers},
@@ -211,7 +212,7 @@ def test_probes_reach_the_conditional_defaults() -> None:
             ("auth", "ntlm"), ("graceful_timeout", "300s"), ("graceful_timeout", "60s"),
             ("mode", "shutdown"), ("failback", "true"), ("failback", "false"),
             ("on_failure", "restart"), ("on_failure", "wait"), ("min", "1"),
-            ("cache", "directsync"), ("replication", "true")} <= found
+            ("replication", "true"), ("replication", "false"), ("lease", "5s")} <= found
 
 
 @pytest.mark.parametrize(("key", "default"), sorted(conditional_defaults()))

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.conftest import EXAMPLES
 
 from hvha.compile.bundle import build_bundles
 from hvha.config.validate import validate_bytes
-from tests.conftest import EXAMPLES
 
 SOURCES = [p.read_text() for p in sorted(EXAMPLES.glob("*.yaml")) if "32" not in p.name]
 SCALARS = ["no", "yes", "on", "1:30", "0755", "~", "''", "[]", "{}", "-1", "1e9", "&a x", "*a",

@@ -11,12 +11,12 @@ import os
 from pathlib import Path
 
 import pytest
+from tests.conftest import EXAMPLES, ROOT
 
 from hvha.compile.bundle import archive, build_bundles, read_archive
 from hvha.compile.graph import build_graph
 from hvha.compile.graph_formats import to_text
 from hvha.config.validate import validate_file
-from tests.conftest import EXAMPLES, ROOT
 
 GOLDEN = ROOT / "tests" / "golden"
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))

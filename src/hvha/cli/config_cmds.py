@@ -49,7 +49,7 @@ def register(sub: Any) -> None:
 
 def summary(cluster: Cluster) -> str:
     kinds = Counter(m.kind.value for m in cluster.modules)
-    mods = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+    mods = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none yet"
     witness = {"arbiter": f"witness {cluster.witness.address}",
                "ping": f"ping witness {', '.join(cluster.witness.targets)}",
                "none": "no witness"}[cluster.witness.kind]

@@ -9,6 +9,7 @@ wrong type is left alone (the schema check has already reported it).
 from __future__ import annotations
 
 import copy
+import ipaddress
 from typing import Any
 
 from hvha.config.diagnostics import Path, format_path
@@ -69,21 +70,28 @@ def _conditional(data: dict[str, Any], applied: Applied) -> None:
     nets = data.get("heartbeat", {}).get("networks") if isinstance(data.get("heartbeat"),
                                                                    dict) else None
     nets = [n for n in nets if isinstance(n, dict)] if isinstance(nets, list) else []
-    if nets and not any(n.get("replication") is True for n in nets):
-        i = next(i for i, n in enumerate(data["heartbeat"]["networks"]) if isinstance(n, dict))
-        nets[0]["replication"] = True
-        applied.append((f"heartbeat.networks[{i}].replication", True))
+    explicit = any("replication" in n for n in nets)
+    for i, net in enumerate(data["heartbeat"]["networks"] if nets else []):
+        if isinstance(net, dict):  # the first network carries replication unless one says
+            first = net is nets[0]
+            _set(net, "replication", first and not explicit, ("heartbeat", "networks", i), applied)
+    witness = data.get("witness")
+    arbiter = witness.get("arbiter") if isinstance(witness, dict) else None
+    if isinstance(arbiter, dict) and isinstance(data.get("heartbeat"), dict):
+        _set(arbiter, "lease", data["heartbeat"].get("timeout"), ("witness", "arbiter"), applied)
     for i, node in _dicts(data.get("nodes")):
         transport = node.get("transport")
         if isinstance(transport, dict):
             kind = transport.get("type")
             _set(node, "os", "windows" if kind == "winrm" else "linux", ("nodes", i), applied)
-            _set(transport, "port", 5986 if kind == "winrm" else 22,
-                 ("nodes", i, "transport"), applied)
+            if kind != "local":
+                _set(transport, "port", 5986 if kind == "winrm" else 22,
+                     ("nodes", i, "transport"), applied)
             if kind == "winrm":
                 _set(transport, "auth", "ntlm", ("nodes", i, "transport"), applied)
         hb = node.setdefault("heartbeat", {})
-        if isinstance(hb, dict) and len(nets) == 1 and isinstance(nets[0].get("name"), str):
+        if (isinstance(hb, dict) and len(nets) == 1 and isinstance(nets[0].get("name"), str)
+                and _is_ip(node.get("address"))):  # a host name is no heartbeat address
             _set(hb, nets[0]["name"], node.get("address"), ("nodes", i, "heartbeat"), applied)
     for i, mod in _dicts(data.get("modules")):
         _module(mod, ("modules", i), applied)
@@ -94,11 +102,10 @@ def _module(mod: dict[str, Any], path: Path, applied: Applied) -> None:
     is_vm = kind in ("kvm", "hyperv")
     if is_vm and isinstance(payload, dict) and isinstance(payload.get("directory"), str):
         _set(mod, "replicated", [{"path": payload["directory"], "exclude": []}], path, applied)
-        if kind == "kvm":
-            _set(payload, "cache", "directsync", (*path, "payload"), applied)
-            if payload.get("hypervisor") == "libvirt" and isinstance(payload.get("vm"), str):
-                xml = payload["directory"].rstrip("/") + f"/{payload['vm']}.xml"
-                _set(payload, "domain_xml", xml, (*path, "payload"), applied)
+        libvirt = kind == "kvm" and payload.get("hypervisor") == "libvirt"
+        if libvirt and isinstance(payload.get("vm"), str):
+            xml = payload["directory"].rstrip("/") + f"/{payload['vm']}.xml"
+            _set(payload, "domain_xml", xml, (*path, "payload"), applied)
     else:
         _set(mod, "replicated", [], path, applied)
     stop = mod.get("stop")
@@ -118,6 +125,14 @@ def _module(mod: dict[str, Any], path: Path, applied: Applied) -> None:
                 _set(checker, "min", 1, (*path, "checkers", j), applied)
             _set(checker, "on_failure", _CHECKER_ACTION.get(ctype, "restart"),
                  (*path, "checkers", j), applied)
+
+
+def _is_ip(value: Any) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _dicts(value: Any) -> list[tuple[int, dict[str, Any]]]:

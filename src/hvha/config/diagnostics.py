@@ -178,4 +178,5 @@ CODES: dict[str, str] = {
     "HV322": "no-witness",
     "HV323": "timeout-order",
     "HV324": "os-mismatch",
+    "HV325": "option-not-for-kind",
 }

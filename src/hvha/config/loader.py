@@ -24,6 +24,8 @@ MAX_VALUES = 1_000_000
 MAX_DEPTH = 64
 
 _T = "tag:yaml.org,2002:"
+_COLLECTIONS = (_T + "map", _T + "seq", _T + "omap")
+_SCALARS = ("str", "int", "float", "bool", "null", "timestamp", "value", "merge")
 _YAML11_BOOL = re.compile(r"^(y|Y|yes|Yes|YES|n|N|no|No|NO|on|On|ON|off|Off|OFF)$")
 _OCTAL = re.compile(r"^[-+]?0[0-7_]+$")
 
@@ -109,21 +111,33 @@ def load_bytes(raw: bytes, filename: str = "<input>", report: Report | None = No
 def load_text(text: str, filename: str = "<input>", report: Report | None = None) -> Document:
     report = report or Report(filename)
     doc = Document(filename, None, report)
-    if _check_tabs(text, report):
-        return doc
     try:
         nodes = list(yaml.compose_all(text, Loader=_Loader))
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
+        if _tab_at(text, exc.problem_mark) or "tab" in str(exc.problem):
+            _check_tabs(text, report)  # tabs explain the failure; a tab in content is fine
+            tab = exc.problem_mark
+            if report.ok and tab is not None:  # a tab that is not indentation
+                report.add("HV104", "a tab where YAML expects spaces",
+                           "replace the tab with spaces", Position(tab.line + 1, tab.column + 1))
+            return doc
+        # A scanner error ("while scanning a quoted scalar") is best shown where the token
+        # started; a parser error where the unexpected token is.
+        scanning = str(exc.context or "").startswith("while scanning")
+        mark = (exc.context_mark if scanning else None) or exc.problem_mark or exc.context_mark
         pos = Position(mark.line + 1, mark.column + 1) if mark else None
         what = " ".join(x for x in (exc.context, exc.problem) if x) or "invalid YAML"
-        report.add("HV103", f"YAML syntax: {what}",
-                   "fix the indentation or quoting near this point", pos)
+        if "exceeded maximum" in what:
+            report.add("HV111", "the document nests too deeply",
+                       "flatten the structure; a cluster file is a few levels deep", pos)
+        else:
+            report.add("HV103", f"YAML syntax: {what}",
+                       "fix the indentation or quoting near this point", pos)
         return doc
     except (yaml.YAMLError, RecursionError, ValueError) as exc:
         report.add("HV103", f"YAML syntax: {exc}", "check the file is YAML", None)
         return doc
-    nodes = [n for n in nodes if n is not None]
+    nodes = [n for n in nodes if n is not None and not _is_null(n)]
     if not nodes:
         report.add("HV113", "the file is empty",
                    "start from examples/lab.yaml or see docs/configuration.md", Position(1, 1))
@@ -139,6 +153,21 @@ def load_text(text: str, filename: str = "<input>", report: Report | None = None
         doc.data = None
         report.add(*exc.args)
     return doc
+
+
+def _tab_at(text: str, mark: Any) -> bool:
+    if mark is None:
+        return False
+    lines = text.splitlines()
+    if mark.line >= len(lines):
+        return False
+    line = lines[mark.line]
+    return bool(mark.column < len(line) and line[mark.column] == "\t")
+
+
+def _is_null(node: yaml.Node) -> bool:
+    """An empty document (``---`` alone, or only comments)."""
+    return isinstance(node, yaml.ScalarNode) and node.tag == _T + "null" and node.value == ""
 
 
 def _check_tabs(text: str, report: Report) -> bool:
@@ -213,6 +242,10 @@ class _Walker:
                           "flatten the structure; a cluster file is a few levels deep",
                           _pos(node), path)
         self.doc.positions[path] = _pos(node)
+        if isinstance(node, yaml.MappingNode | yaml.SequenceNode) and node.tag not in _COLLECTIONS:
+            self.doc.report.add("HV114", f"YAML tag '{node.tag}' is not supported",
+                                "remove the tag; write plain values", _pos(node), path)
+            self.doc.reported.add(path)
         if isinstance(node, yaml.MappingNode):
             return self.mapping(node, path, depth)
         if isinstance(node, yaml.SequenceNode):
@@ -225,7 +258,7 @@ class _Walker:
         merged: list[yaml.MappingNode] = []
         for key_node, value_node in node.value:
             if key_node.tag == _T + "merge":
-                merged.extend(self._merge_sources(value_node, path))
+                merged.extend(self._merge_sources(value_node, key_node, path))
                 continue
             key = self._key(key_node, path)
             if key is None:
@@ -249,7 +282,8 @@ class _Walker:
                     out[key] = self.value(value_node, (*path, key), depth + 1)
         return out
 
-    def _merge_sources(self, node: yaml.Node, path: Path) -> list[yaml.MappingNode]:
+    def _merge_sources(self, node: yaml.Node, key: yaml.Node,
+                       path: Path) -> list[yaml.MappingNode]:
         if isinstance(node, yaml.MappingNode):
             return [node]
         if isinstance(node, yaml.SequenceNode) and all(
@@ -258,7 +292,7 @@ class _Walker:
             return list(node.value)
         self.doc.report.add("HV103", "`<<` (merge) must refer to a mapping or a list of mappings",
                             "point `<<:` at an anchored mapping, e.g. `<<: *defaults`",
-                            _pos(node), path)
+                            _pos(key), path)
         return []
 
     def _key(self, node: yaml.Node, path: Path) -> str | None:
@@ -275,13 +309,13 @@ class _Walker:
     def scalar(self, node: yaml.Node, path: Path) -> Any:
         tag, text = node.tag, node.value
         report = self.doc.report
-        if not tag.startswith(_T):
+        if not tag.startswith(_T) or tag[len(_T):] not in _SCALARS:
             report.add("HV114", f"YAML tag '{tag}' is not supported",
                        "remove the tag; write plain values", _pos(node), path)
             self.doc.reported.add(path)
             return text
         kind = tag[len(_T):]
-        if kind in ("str", "timestamp", "value", "binary", "merge"):
+        if kind in ("str", "timestamp", "value", "merge"):
             return text  # quoted scalars always resolve to str; dates stay text
         if kind == "null":
             return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hvha.config.diagnostics import Path, Severity
@@ -27,6 +27,7 @@ IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 class Ctx:
     doc: Document
     data: dict[str, Any]
+    applied: list[tuple[str, Any]] = field(default_factory=list)
 
     def err(self, code: str, path: Path, message: str, hint: str, at_key: bool = False,
             severity: Severity = Severity.ERROR) -> None:
@@ -50,6 +51,11 @@ class Ctx:
         if not isinstance(nets, list):
             return []
         return [(i, n) for i, n in enumerate(nets) if isinstance(n, dict)]
+
+
+def is_host(value: str) -> bool:
+    """A DNS host name; digits-and-dots (a mistyped IPv4 address) is not one."""
+    return bool(_HOSTNAME.match(value)) and not re.fullmatch(r"[0-9.]+", value)
 
 
 def _ip(value: Any) -> IP | None:
@@ -103,6 +109,10 @@ def rule_unique_names(ctx: Ctx) -> None:
             "module")
     _unique(ctx, [(("heartbeat", "networks", i, "name"), n.get("name"))
                   for i, n in ctx.networks()], "network")
+    for kind in ("kvm", "hyperv"):  # a hypervisor knows a VM by its name: one module each
+        _unique(ctx, [(("modules", i, "payload", "vm"), m["payload"].get("vm"))
+                      for i, m in ctx.items("modules")
+                      if m.get("kind") == kind and isinstance(m.get("payload"), dict)], "VM")
     for i, mod in ctx.items("modules"):
         checkers = mod.get("checkers")
         if isinstance(checkers, list):
@@ -123,7 +133,7 @@ def rule_addresses(ctx: Ctx) -> None:
                         f"`{sub}` is not a network in CIDR form", "write e.g. 10.0.0.0/24")
     for i, node in ctx.nodes():
         addr = node.get("address")
-        if isinstance(addr, str) and _ip(addr) is None and not _HOSTNAME.match(addr):
+        if isinstance(addr, str) and _ip(addr) is None and not is_host(addr):
             ctx.err("HV206", ("nodes", i, "address"), f"`{addr}` is not an IP address or host name",
                     "write an address such as 192.168.1.10 or a host name such as hv1.example.com")
         hb = node.get("heartbeat")
@@ -137,6 +147,14 @@ def rule_addresses(ctx: Ctx) -> None:
                 ctx.err("HV206", path, f"{ip} is not inside network '{net}' ({subnets[net]})",
                         "use this node's address on that network, or fix the network's subnet")
     _check_witness_addresses(ctx)
+    for i, mod in ctx.items("modules"):
+        checkers = mod.get("checkers")
+        for j, c in enumerate(checkers if isinstance(checkers, list) else []):
+            host = c.get("host") if isinstance(c, dict) else None
+            if isinstance(host, str) and _ip(host) is None and not is_host(host):
+                ctx.err("HV206", ("modules", i, "checkers", j, "host"),
+                        f"`{host}` is not an IP address or host name",
+                        "write the address the checker connects to, e.g. 10.0.0.100")
     for i, mod in ctx.items("modules"):
         vip = mod.get("vip")
         if isinstance(vip, dict) and isinstance(vip.get("address"), str):
@@ -164,7 +182,7 @@ def _check_witness_addresses(ctx: Ctx) -> None:
     if isinstance(witness.get("ping"), list):
         targets += [(("witness", "ping", j), t) for j, t in enumerate(witness["ping"])]
     for path, value in targets:
-        if isinstance(value, str) and _ip(value) is None and not _HOSTNAME.match(value):
+        if isinstance(value, str) and _ip(value) is None and not is_host(value):
             ctx.err("HV206", path, f"`{value}` is not an IP address or host name",
                     "write the witness host's address, e.g. 10.0.0.3")
 
@@ -172,6 +190,10 @@ def _check_witness_addresses(ctx: Ctx) -> None:
 def rule_heartbeat_networks(ctx: Ctx) -> None:
     names = [n.get("name") for _, n in ctx.networks()]
     repl = [i for i, n in ctx.networks() if n.get("replication") is True]
+    if ctx.networks() and not repl:
+        ctx.err("HV314", ("heartbeat", "networks"), "no network carries replication",
+                "set `replication: true` on one network (or leave it out everywhere: the first "
+                "network is used)", at_key=True)
     if len(repl) > 1:
         for i in repl[1:]:
             ctx.err("HV314", ("heartbeat", "networks", i, "replication"),
@@ -205,14 +227,20 @@ def rule_timing(ctx: Ctx) -> None:
         if interval < 0.1:
             ctx.err("HV321", ("heartbeat", "interval"), f"heartbeat interval {hb['interval']} is "
                     "below the 100ms minimum", "use an interval of 100ms or more")
-        if timeout < 3 * interval:
+        if timeout < 3 * interval - 1e-9:  # durations are exact in ms; floats are not
             ctx.err("HV308", ("heartbeat", "timeout"),
                     f"timeout {hb['timeout']} is less than 3 x interval ({hb['interval']}): one "
                     "or two lost packets would declare the peer dead",
                     f"set timeout to at least {round(3 * interval, 3):g}s, or shorten the interval")
+    witness = ctx.data.get("witness")
+    arbiter = witness.get("arbiter") if isinstance(witness, dict) else None
+    if isinstance(arbiter, dict):
+        _at_least(ctx, ("witness", "arbiter", "lease"), arbiter.get("lease"), 0.3)
     for i, mod in ctx.items("modules"):
         checkers = mod.get("checkers")
         for j, c in (enumerate(checkers) if isinstance(checkers, list) else []):
+            if isinstance(c, dict):
+                _at_least(ctx, ("modules", i, "checkers", j, "interval"), c.get("interval"), 0.1)
             try:
                 if parse_duration(c["timeout"]) > parse_duration(c["interval"]):
                     ctx.err("HV323", ("modules", i, "checkers", j, "timeout"),
@@ -220,6 +248,16 @@ def rule_timing(ctx: Ctx) -> None:
                             f"{c['interval']}", "make the timeout shorter than the interval")
             except (ValueError, KeyError, TypeError):
                 continue
+
+
+def _at_least(ctx: Ctx, path: Path, value: Any, minimum: float) -> None:
+    try:
+        seconds = parse_duration(str(value))
+    except ValueError:
+        return
+    if seconds < minimum:
+        ctx.err("HV321", path, f"{value} is below the {minimum:g}s minimum",
+                f"use {minimum:g}s or more")
 
 
 def rule_witness(ctx: Ctx) -> None:

@@ -62,7 +62,9 @@ def rule_paths(ctx: Ctx) -> None:
         replicated = mod.get("replicated")
         rep = [(j, r) for j, r in enumerate(replicated if isinstance(replicated, list) else [])
                if isinstance(r, dict) and isinstance(r.get("path"), str)]
-        paths += [(("modules", i, "replicated", j, "path"), r["path"]) for j, r in rep]
+        defaulted = ("modules", i, "replicated") not in ctx.doc.positions
+        if not defaulted:  # a defaulted path is the VM directory, checked above
+            paths += [(("modules", i, "replicated", j, "path"), r["path"]) for j, r in rep]
         for path, value in paths:
             if not isinstance(value, str):
                 continue
@@ -75,8 +77,9 @@ def rule_paths(ctx: Ctx) -> None:
         name = str(mod.get("name"))
         for j, r in rep:
             if windows == bool(WIN_ABS.match(r["path"])):
-                index.add(ctx, _norm(r["path"], windows), ("modules", i, "replicated", j, "path"),
-                          r["path"], name)
+                where = (("modules", i, "payload", "directory") if defaulted
+                         else ("modules", i, "replicated", j, "path"))
+                index.add(ctx, _norm(r["path"], windows), where, r["path"], name)
         directory = payload.get("directory")
         if kind in ("kvm", "hyperv") and isinstance(directory, str) and rep:
             d = _norm(directory, windows)
@@ -95,7 +98,10 @@ def rule_ports(ctx: Ctx) -> None:
         if not isinstance(port, int) or isinstance(port, bool):
             return
         if port in used and used[port][0] != what:
-            ctx.err("HV310", path, f"port {port} ({what}) is already used by {used[port][0]}",
+            other_what, other_path = used[port]
+            if path not in ctx.doc.positions and other_path in ctx.doc.positions:
+                path, what, other_what = other_path, other_what, what  # point at what was written
+            ctx.err("HV310", path, f"port {port} ({what}) is already used by {other_what}",
                     "give each listener on the nodes its own port")
         used.setdefault(port, (what, path))
 
@@ -157,6 +163,48 @@ def rule_kinds(ctx: Ctx) -> None:
                 ctx.err("HV324", ("modules", i, "kind"), f"a {kind} module needs {want} nodes; "
                         f"node '{node}' is {os_name}", "put this module in a cluster of "
                         f"{want} nodes, or set the node's `os:`/transport correctly")
+
+
+_CHECKER_KEYS = {"process": {"process", "min", "max"}, "tcp": {"host", "port"},
+                 "ping": {"host"}, "interface": {"interface"}, "script": {"command"},
+                 "vm_state": set()}
+_ALL_CHECKER_KEYS = set().union(*_CHECKER_KEYS.values())
+
+
+def rule_options(ctx: Ctx) -> None:
+    """Options that mean nothing for this kind or type are mistakes, not silent no-ops."""
+    for i, mod in ctx.items("modules"):
+        kind, payload, stop = mod.get("kind"), mod.get("payload"), mod.get("stop")
+        if kind == "app" and isinstance(stop, dict) and "mode" in stop:
+            ctx.err("HV325", ("modules", i, "stop", "mode"), "`stop.mode` (shutdown/save/off) "
+                    "is for VMs; an app is stopped by its stop command or unit",
+                    "remove `mode:`; set `graceful_timeout`/`forced_timeout` instead", at_key=True)
+        if kind == "kvm" and isinstance(payload, dict):
+            other = {"libvirt": "command", "qemu": "domain_xml"}.get(str(payload.get("hypervisor")))
+            if other and other in payload and (i, other) not in _defaulted(ctx, i):
+                ctx.err("HV325", ("modules", i, "payload", other), f"`{other}` is not used with "
+                        f"hypervisor {payload.get('hypervisor')}",
+                        "remove it, or change `hypervisor:`", at_key=True)
+        checkers = mod.get("checkers")
+        for j, c in enumerate(checkers if isinstance(checkers, list) else []):
+            if not isinstance(c, dict) or c.get("type") not in _CHECKER_KEYS:
+                continue
+            path = ("modules", i, "checkers", j)
+            for key in sorted(_ALL_CHECKER_KEYS & set(c) - _CHECKER_KEYS[c["type"]]):
+                if (key, c["type"]) == ("min", "process"):
+                    continue
+                ctx.err("HV325", (*path, key), f"`{key}` has no meaning for a {c['type']} "
+                        "checker", "remove it, or change the checker's `type:`", at_key=True)
+            low, high = c.get("min"), c.get("max")
+            if isinstance(low, int) and isinstance(high, int) and low > high:
+                ctx.err("HV204", (*path, "max"), f"max {high} is below min {low}",
+                        "make max at least min")
+
+
+def _defaulted(ctx: Ctx, i: int) -> set[tuple[int, str]]:
+    """Payload keys of module ``i`` that hvha filled in (not the user's doing)."""
+    prefix = f"modules[{i}].payload."
+    return {(i, p[len(prefix):]) for p, _ in ctx.applied if p.startswith(prefix)}
 
 
 def rule_duplicate_addresses(ctx: Ctx) -> None:

@@ -74,6 +74,9 @@ def check_schema(doc: Document) -> None:
 def _explain(error: ValidationError) -> list[tuple[str, Path, str, str, bool]]:
     """One or more (code, path, message, hint, point-at-key) for one jsonschema error."""
     path: Path = tuple(error.absolute_path)
+    if "propertyNames" in error.relative_schema_path and isinstance(error.instance, str):
+        return [("HV208", (*path, error.instance), f"`{error.instance}` is not a valid "
+                 "variable name", "use letters, digits and '_', not starting with a digit", True)]
     schema = error.schema if isinstance(error.schema, dict) else {}
     hint = str(schema.get("x-hint", ""))
     kw, inst = str(error.validator), error.instance
@@ -93,6 +96,8 @@ def _explain(error: ValidationError) -> list[tuple[str, Path, str, str, bool]]:
         missing = [k for k in value if isinstance(inst, dict) and k not in inst]
         return [("HV202", path, f"'{k}' is required here",
                  hint or f"add `{k}:` (see docs/configuration.md)", False) for k in missing]
+    if kw == "type" and code == "HV207":  # never echo what may be a secret
+        return [(code, path, f"a secret is written inline ({_describe(inst)})", hint, False)]
     if kw == "type":
         want = value
         wants = want if isinstance(want, list) else [want]
@@ -123,7 +128,7 @@ def _explain(error: ValidationError) -> list[tuple[str, Path, str, str, bool]]:
     if kw in ("oneOf", "anyOf"):
         return [(code or "HV204", path, "this value does not match any accepted form",
                  hint or str(schema.get("description", "")), False)]
-    if kw == "propertyNames" and isinstance(inst, dict):
-        return [("HV208", path, f"{error.message}",
-                 "variable names are letters, digits and '_', not starting with a digit", False)]
+    if kw == "minLength":
+        return [(code or "HV204", path, "this value is empty", hint or "write a value, or remove "
+                 "the key to use the default", False)]
     return [(code or "HV200", path, error.message, hint, False)]

@@ -30,6 +30,7 @@ RULES = (
     rules_modules.rule_ports,
     rules_modules.rule_references,
     rules_modules.rule_kinds,
+    rules_modules.rule_options,
     rules_modules.rule_duplicate_addresses,
 )
 
@@ -55,7 +56,7 @@ def validate_document(doc: Document) -> Validation:
         return Validation(doc, None, [], None)
     check_schema(doc)
     effective, applied = apply_defaults(doc.data, load_schema())
-    ctx = Ctx(doc, effective)
+    ctx = Ctx(doc, effective, applied)
     shape_ok = doc.report.ok
     for rule in RULES:
         try:
