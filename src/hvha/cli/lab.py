@@ -41,15 +41,15 @@ def register(sub: Any) -> None:
         "(default: lab)",
     )
     common.add_argument(
-        "--root", type=Path, default=None,
+        "--root", type=Path, default=None, metavar="DIR",
         help="directory for lab.json and the node trees (default: /var/lib/hvha-lab/NAME)",
     )
     actions = p.add_subparsers(dest="lab_action", metavar="ACTION")
 
     up = actions.add_parser("up", parents=[common], help="create or repair the lab (idempotent)")
-    up.add_argument("--lan-subnet", default=None,
+    up.add_argument("--lan-subnet", default=None, metavar="CIDR",
                     help="lan subnet (default: recorded in lab.json, else 10.77.0.0/24)")
-    up.add_argument("--repl-subnet", default=None,
+    up.add_argument("--repl-subnet", default=None, metavar="CIDR",
                     help="repl subnet (default: recorded in lab.json, else 10.78.0.0/24)")
     up.add_argument("-v", "--verbose", action="store_true", help="print every ip command run")
     up.set_defaults(func=_guard(_cmd_up))

@@ -24,6 +24,11 @@ Python API (all of it needs root)::
     lab.kill_all("node1")                      # power node1 off (SIGKILL all its pids)
     lab.status()                               # -> dict, see Lab.status
     lab.down(purge=True)                       # removes everything, also when nothing exists
+
+Every interface gets a MAC derived from the lab name, so a host rebuilt by ``up`` comes back
+with the same MAC and its neighbours' ARP caches stay valid. Moving the VIP between nodes does
+change its MAC: the agent must announce it (gratuitous ARP); the client accepts those
+(``arp_accept=1``) and the nodes announce their own link changes (``arp_notify=1``).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
@@ -73,6 +78,7 @@ __all__ = [
     "LabError",
     "Topology",
     "default_topology",
+    "read_state",
     "validate_name",
 ]
 
@@ -219,14 +225,14 @@ class Lab:
 
     # --- operations used by tests ----------------------------------------------------------
 
-    def exec(self, role: str, argv: list[str], **popen_kwargs: Any) -> subprocess.Popen[Any]:
+    def exec(self, role: str, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen[Any]:
         """Start ``argv`` inside the namespace of ``role``; ``popen_kwargs`` go to Popen.
 
         The returned Popen's pid is the process itself (``ip netns exec`` execs into it)."""
         return netns.exec_in(self.ns_name(role), argv, **popen_kwargs)
 
     def run(
-        self, role: str, argv: list[str], *, timeout: float = 30.0
+        self, role: str, argv: Sequence[str], *, timeout: float = 30.0
     ) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` to completion inside ``role``'s namespace, capturing text output."""
         with self.exec(role, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -239,8 +245,19 @@ class Lab:
             return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
     def ping(self, src: str, dst: str, network: str = LAN, *, timeout: float = 1.0) -> bool:
-        """True if ``src`` gets an answer from ``dst``'s address on ``network``."""
-        return netns.ping(self.ns_name(src), str(self.address(dst, network)), timeout)
+        """True if ``src`` gets an answer to one ICMP echo within ``timeout`` s.
+
+        ``dst`` is a role (its address on ``network`` is pinged) or an IPv4 address such as
+        ``str(lab.vip.ip)``."""
+        if dst in ROLES:
+            target = str(self.address(dst, network))
+        else:
+            try:
+                target = str(IPv4Address(dst))
+            except ValueError as exc:
+                msg = f"ping target {dst!r} is neither a role nor an IPv4 address"
+                raise LabError(msg) from exc
+        return netns.ping(self.ns_name(src), target, timeout)
 
     def set_link(self, role: str, network: str, up: bool) -> None:
         """Set ``role``'s root-side veth on ``network`` down or up: a cable pull / plug."""
@@ -360,6 +377,8 @@ class Lab:
         state.unlink()
         with contextlib.suppress(OSError):  # something else lives there: keep it
             root.rmdir()
+            if root.parent == DEFAULT_ROOT_BASE:
+                root.parent.rmdir()  # only if no other lab is left in it
 
 
 @contextlib.contextmanager

@@ -110,6 +110,7 @@ def parse_links(entries: Iterable[Mapping[str, Any]]) -> dict[str, LinkState]:
                 if a.get("family") == "inet" and "local" in a
             ),
             peer_index=int(peer) if peer is not None else None,
+            mac=str(e.get("address", "")).lower(),
         )
     return links
 
@@ -255,8 +256,11 @@ def ping(ns: str, address: str, timeout: float = 1.0) -> bool:
         argv = ["ping", "-n", "-q", "-c", "1", "-W", str(max(1, round(timeout))), address]
     else:
         argv = [sys.executable, "-I", "-c", _PING_SCRIPT, address, str(timeout)]
-    res = subprocess.run(
-        ["ip", "netns", "exec", ns, *argv],
-        capture_output=True, check=False, timeout=timeout + 10,
-    )
+    try:
+        res = subprocess.run(
+            ["ip", "netns", "exec", ns, *argv],
+            capture_output=True, check=False, timeout=timeout + 10,
+        )
+    except subprocess.TimeoutExpired:
+        return False
     return res.returncode == 0

@@ -10,6 +10,7 @@ does not carry its prefix.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -69,6 +70,7 @@ class Network:
     bridge: str
     ifname: str
     bridge_address: IPv4Interface | None
+    bridge_mac: str
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ class Attachment:
     ifname: str
     root_veth: str
     address: IPv4Interface
+    mac: str  # inside end
+    root_mac: str  # outside end
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,7 @@ class Topology:
                         "ifname": a.ifname,
                         "address": str(a.address),
                         "root_veth": a.root_veth,
+                        "mac": a.mac,
                     }
                     for a in h.attachments
                 },
@@ -185,6 +190,7 @@ class Topology:
                     "bridge": n.bridge,
                     "ifname": n.ifname,
                     "bridge_address": None if n.bridge_address is None else str(n.bridge_address),
+                    "bridge_mac": n.bridge_mac,
                 }
                 for n in self.networks
             },
@@ -224,19 +230,31 @@ def default_topology(
         raise ValueError(f"lan subnet {lan} and repl subnet {repl} overlap")
     root = (root if root is not None else DEFAULT_ROOT_BASE / name).absolute()
 
+    salt = hashlib.sha256(name.encode()).digest()
+
+    def mac(kind: int, role: int, net: int) -> str:
+        # locally administered unicast; stable per lab, so a rebuilt host keeps its MAC and
+        # its neighbours' ARP caches stay right
+        return f"02:{salt[0]:02x}:{salt[1]:02x}:{kind:02x}:{role:02x}:{net:02x}"
+
     def iface(subnet: IPv4Network, offset: int) -> IPv4Interface:
         return IPv4Interface(f"{subnet.network_address + offset}/{subnet.prefixlen}")
 
     networks = (
-        Network(LAN, lan, f"{name}-br0", "eth0", iface(lan, _GATEWAY_OFFSET)),
-        Network(REPL, repl, f"{name}-br1", "eth1", None),
+        Network(LAN, lan, f"{name}-br0", "eth0", iface(lan, _GATEWAY_OFFSET), mac(0, 0, 0)),
+        Network(REPL, repl, f"{name}-br1", "eth1", None, mac(0, 0, 1)),
     )
     hosts = []
-    for role in ROLES:
+    for r, role in enumerate(ROLES):
         on = networks if role in ("node1", "node2") else networks[:1]
         atts = tuple(
             Attachment(
-                n.name, n.ifname, f"{name}-{_SHORT[role]}-{i}", iface(n.subnet, _HOST_OFFSET[role])
+                n.name,
+                n.ifname,
+                f"{name}-{_SHORT[role]}-{i}",
+                iface(n.subnet, _HOST_OFFSET[role]),
+                mac(2, r, i),
+                mac(1, r, i),
             )
             for i, n in enumerate(on)
         )
@@ -266,6 +284,7 @@ class LinkState:
     master: str | None = None
     addresses: frozenset[str] = frozenset()  # IPv4 "a.b.c.d/len"
     peer_index: int | None = None  # for a veth: the peer's ifindex (in the peer's namespace)
+    mac: str = ""
 
 
 @dataclass(frozen=True)
@@ -345,7 +364,11 @@ def _plan_bridge(net: Network, obs: Observed) -> list[Command]:
         br = None
     if br is None:
         cmds.append(_cmd(f"create bridge {net.bridge}",
-                         "link", "add", "name", net.bridge, "type", "bridge"))
+                         "link", "add", "name", net.bridge, "address", net.bridge_mac,
+                         "type", "bridge"))
+    elif br.mac != net.bridge_mac:
+        cmds.append(_cmd(f"MAC {net.bridge_mac} on {net.bridge}",
+                         "link", "set", net.bridge, "address", net.bridge_mac))
     if net.bridge_address is not None and (
         br is None or str(net.bridge_address) not in br.addresses
     ):
@@ -362,7 +385,9 @@ def _pair_ok(outer: LinkState | None, inner: LinkState | None) -> bool:
     return outer.peer_index == inner.index and inner.peer_index == outer.index
 
 
-def _plan_attachment(topo: Topology, host: Host, att: Attachment, obs: Observed) -> list[Command]:
+def _plan_attachment(
+    topo: Topology, host: Host, att: Attachment, obs: Observed, new_bridges: set[str]
+) -> list[Command]:
     ns = host.namespace
     bridge = topo.network(att.network).bridge
     outer = obs.root_links.get(att.root_veth)
@@ -377,10 +402,16 @@ def _plan_attachment(topo: Topology, host: Host, att: Attachment, obs: Observed)
             cmds.append(_del(f"{ns}/{att.ifname} is not paired with {att.root_veth}: recreate",
                              "-n", ns, "link", "del", att.ifname))
         cmds.append(_cmd(f"create veth {att.root_veth} <-> {ns}/{att.ifname}",
-                         "link", "add", att.root_veth, "type", "veth",
-                         "peer", "name", att.ifname, "netns", ns))
+                         "link", "add", att.root_veth, "address", att.root_mac, "type", "veth",
+                         "peer", "name", att.ifname, "address", att.mac, "netns", ns))
         outer = inner = None
-    if outer is None or outer.master != bridge:
+    if outer is not None and outer.mac != att.root_mac:
+        cmds.append(_cmd(f"MAC {att.root_mac} on {att.root_veth}",
+                         "link", "set", att.root_veth, "address", att.root_mac))
+    if inner is not None and inner.mac != att.mac:
+        cmds.append(_cmd(f"MAC {att.mac} on {ns}/{att.ifname}",
+                         "-n", ns, "link", "set", att.ifname, "address", att.mac))
+    if outer is None or outer.master != bridge or bridge in new_bridges:
         cmds.append(_cmd(f"attach {att.root_veth} to {bridge}",
                          "link", "set", att.root_veth, "master", bridge))
     if outer is None or not outer.up:
@@ -417,20 +448,25 @@ def plan_up(topo: Topology, obs: Observed) -> list[Command]:
             sysctls={k: v for k, v in obs.sysctls.items() if k not in fresh},
             broken=obs.broken - fresh,
         )
+    for host in topo.hosts:  # sysctls first, so e.g. arp_notify already covers new links
+        current = obs.sysctls.get(host.namespace, {})
+        for key, value in host.sysctls:
+            if " ".join(current.get(key, "").split()) != " ".join(value.split()):
+                cmds.append(_cmd(f"set {key}={value} in {host.namespace}", "netns", "exec",
+                                 host.namespace, "sysctl", "-qw", f"{key}={value}"))
+    new_bridges: set[str] = set()
     for net in topo.networks:
-        cmds.extend(_plan_bridge(net, obs))
+        bridge_cmds = _plan_bridge(net, obs)
+        if any(c.argv[1:3] == ("link", "add") for c in bridge_cmds):
+            new_bridges.add(net.bridge)  # a new bridge has no ports yet
+        cmds.extend(bridge_cmds)
     for host in topo.hosts:
         ns = host.namespace
         lo = obs.ns_links.get(ns, {}).get("lo")
         if lo is None or not lo.up:
             cmds.append(_cmd(f"bring up {ns}/lo", "-n", ns, "link", "set", "lo", "up"))
         for att in host.attachments:
-            cmds.extend(_plan_attachment(topo, host, att, obs))
-        current = obs.sysctls.get(ns, {})
-        for key, value in host.sysctls:
-            if " ".join(current.get(key, "").split()) != " ".join(value.split()):
-                cmds.append(_cmd(f"set {key}={value} in {ns}",
-                                 "netns", "exec", ns, "sysctl", "-qw", f"{key}={value}"))
+            cmds.extend(_plan_attachment(topo, host, att, obs, new_bridges))
     return cmds
 
 
