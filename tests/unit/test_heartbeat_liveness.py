@@ -1,10 +1,19 @@
-"""Liveness on a fake monotonic clock, and the heartbeat config checks."""
+"""Liveness on a fake monotonic clock, config checks, and frame handling without sockets."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
-from hvha.agent.heartbeat import HeartbeatConfig, HeartbeatNetwork, LinkState, Liveness
+from hvha.agent.frames import HEARTBEAT_KEY_PURPOSE, cluster_id, derive_key, encode
+from hvha.agent.heartbeat import (
+    HeartbeatConfig,
+    HeartbeatNetwork,
+    HeartbeatService,
+    LinkState,
+    Liveness,
+)
 
 
 class FakeClock:
@@ -124,3 +133,78 @@ def test_config_rejections(overrides: dict[str, object], message: str) -> None:
 def test_config_minimum_ratio_accepted() -> None:
     cfg = config(interval=0.1, timeout=0.3)  # 3 * 0.1 is 0.30000000000000004 in floats
     assert cfg.timeout == 0.3
+
+
+# -- HeartbeatService datagram handling, without sockets -----------------------------------
+
+
+def test_dropped_frames_are_counted_and_logged_once_per_period(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    key = derive_key(b"secret", HEARTBEAT_KEY_PURPOSE)
+    service = HeartbeatService(config(key=key), incarnation=1, clock=clock, log_every=10.0)
+    lan = service._links[0]
+    with caplog.at_level(logging.WARNING, logger="hvha.agent.heartbeat"):
+        for _ in range(100):
+            service._on_datagram(lan, b"junk", ("10.0.0.2", 4800))
+        clock.advance(10.0)
+        service._on_datagram(lan, b"junk", ("10.0.0.2", 4800))
+    assert service.counters.dropped_malformed == 101
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert "(99 similar suppressed)" in messages[1]
+
+
+def test_service_classifies_authentic_frames() -> None:
+    clock = FakeClock()
+    key = derive_key(b"secret", HEARTBEAT_KEY_PURPOSE)
+    got: list[tuple[str, bytes]] = []
+    states: list[bool] = []
+    service = HeartbeatService(
+        config(key=key),
+        incarnation=1,
+        clock=clock,
+        on_peer_payload=lambda net, f: got.append((net, f.payload)),
+        on_peer_state=states.append,
+    )
+    lan, crossover = service._links
+
+    def frame(sender: str, seq: int, incarnation: int = 4) -> bytes:
+        cid = cluster_id("lab")
+        return encode(
+            key, cluster_id=cid, sender=sender, incarnation=incarnation, seq=seq, sent_ms=0
+        )
+
+    service._on_datagram(lan, frame("b", 1), None)
+    service._on_datagram(crossover, frame("b", 1), None)  # same seq, other network
+    service._on_datagram(lan, frame("b", 1), None)  # re-sent capture
+    service._on_datagram(lan, frame("a", 9), None)  # our own name: reflected
+    service._on_datagram(lan, frame("b", 2, incarnation=3), None)  # older incarnation
+    c = service.counters
+    assert (c.received_ok, c.dropped_duplicate, c.dropped_replay, c.dropped_wrong_sender) == (
+        1,
+        1,
+        2,
+        1,
+    )
+    assert got == [("lan", b"")] and states == [True]
+    assert service.status()["networks"]["crossover"]["state"] == "up"  # credited by the copy
+    clock.advance(5.0)
+    service._update_states()
+    assert states == [True, False] and not service.peer_alive()
+
+
+def test_failing_payload_callback_keeps_last_good_payload() -> None:
+    answers: list[object] = [b"v1", RuntimeError("agent bug"), b"x" * 70_000]
+
+    def payload() -> bytes:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        assert isinstance(answer, bytes)
+        return answer
+
+    service = HeartbeatService(config(), incarnation=1, payload=payload, clock=FakeClock())
+    assert [service._current_payload() for _ in range(3)] == [b"v1", b"v1", b"v1"]
+    assert service.payload_errors == 2
