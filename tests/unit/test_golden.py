@@ -78,3 +78,18 @@ def test_node_bundles_differ_only_where_nodes_differ() -> None:
     assert (one["node"]["name"], one["peer"]["name"]) == ("node1", "node2")
     assert (two["node"]["name"], two["peer"]["name"]) == ("node2", "node1")
     assert one["modules"] == two["modules"]
+
+
+def test_local_transport_compiles_without_a_port() -> None:
+    """Regression: a `local` transport has no port, and compile crashed on it (KeyError)."""
+    text = (EXAMPLES / "lab.yaml").read_text().replace(
+        "      type: ssh\n      user: root\n      key_file: /var/lib/hvha-lab/lab/id_ed25519\n",
+        "      type: local\n")
+    assert "type: local" in text
+    from hvha.config.validate import validate_bytes
+
+    v = validate_bytes(text.encode(), "local.yaml")
+    assert v.cluster is not None, [d.render() for d in v.report]
+    assert v.cluster.nodes[0].transport.port is None
+    config = json.loads(build_bundles(v.cluster, text.encode())[0].files["agent.json"][0])
+    assert config["node"]["transport"]["type"] == "local"

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from hvha import __version__
 
-COMMAND_MODULES = ("config_cmds", "lab")
+COMMAND_MODULES = ("config_cmds", "lab", "agent_cmds", "witness")
 
 
 class UserError(Exception):

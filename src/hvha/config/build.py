@@ -37,7 +37,7 @@ def _secret(d: dict[str, Any]) -> SecretRef:
 def _node(d: dict[str, Any]) -> Node:
     t = d["transport"]
     transport = Transport(
-        type=t["type"], user=t["user"], port=t["port"], key_file=t.get("key_file"),
+        type=t["type"], user=t["user"], port=t.get("port"), key_file=t.get("key_file"),
         password=_secret(t["password"]) if "password" in t else None,
         known_hosts=t.get("known_hosts"), auth=t.get("auth"))
     return Node(name=d["name"], address=d["address"], os=d["os"], transport=transport,

@@ -32,7 +32,7 @@ class SecretRef:
 class Transport:
     type: str
     user: str
-    port: int
+    port: int | None  # none for the local transport
     key_file: str | None = None
     password: SecretRef | None = None
     known_hosts: str | None = None
@@ -62,7 +62,7 @@ class Network:
 class Heartbeat:
     interval: float
     timeout: float
-    port: int
+    port: int | None  # none for the local transport
     networks: tuple[Network, ...]
 
     @property
@@ -83,7 +83,7 @@ class Witness:
 
 @dataclass(frozen=True)
 class Replication:
-    port: int
+    port: int | None  # none for the local transport
     streams: int
     zone_size: int
 

@@ -1,0 +1,110 @@
+"""The agent's control socket: newline-delimited JSON over a Unix socket (mode 0600).
+
+Local only, by design: the CLI on the node (or `hvha apply` through SSH) talks to it; nothing
+is exposed on the network. Requests: ``{"cmd": "status"}``, ``{"cmd": "swap", "module": "web"}``
+(also start, stop, prim, second, restart), ``{"cmd": "checkers"|"failover", "module": m,
+"on": bool}``. A module command answers once the module has handled it (or after ``wait``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from hvha.agent.fsm import Ev
+
+COMMANDS = {"start": Ev.CMD_START, "stop": Ev.CMD_STOP, "prim": Ev.CMD_PRIM,
+            "second": Ev.CMD_SECOND, "swap": Ev.CMD_SWAP, "restart": Ev.CMD_RESTART}
+
+
+class ControlServer:
+    def __init__(self, agent: Any, path: Path) -> None:
+        self.agent = agent
+        self.path = path
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        old = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._client, path=str(self.path))
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), timeout=10)
+            try:
+                request = json.loads(line)
+                reply = await self.handle(request)
+            except (ValueError, TypeError, KeyError) as exc:
+                reply = {"ok": False, "error": f"bad request: {exc}"}
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        cmd = request["cmd"]
+        if cmd == "status":
+            return {"ok": True, "status": self.agent.status()}
+        module = request.get("module")
+        runtime = self.agent.modules.get(module)
+        if runtime is None:
+            known = ", ".join(sorted(self.agent.modules))
+            return {"ok": False, "error": f"no module '{module}' on this node (modules: {known})"}
+        marker: Path = self.agent.stopped_marker(module)
+        if cmd in COMMANDS:
+            if cmd == "stop":
+                marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                marker.touch()
+            elif cmd == "start":
+                marker.unlink(missing_ok=True)
+            runtime.post(COMMANDS[cmd])
+        elif cmd == "checkers" and runtime.checkers is not None:
+            runtime.checkers.enabled = bool(request["on"])
+        elif cmd == "failover":
+            runtime.state = replace(runtime.state, failover_enabled=bool(request["on"]))
+            runtime.post(Ev.TICK)
+        elif cmd != "checkers":
+            return {"ok": False, "error": f"unknown command '{cmd}'"}
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(runtime.settle(), timeout=float(request.get("wait", 600)))
+        return {"ok": True, "module": runtime.status()}
+
+
+def call(path: Path, request: dict[str, Any], timeout: float = 630) -> dict[str, Any]:
+    """Client side (blocking): send one request and return the reply."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    reply: dict[str, Any] = json.loads(data)
+    return reply

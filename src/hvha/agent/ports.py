@@ -1,0 +1,104 @@
+"""Build each module's ports (payload driver, VIP, checkers, replication) and the witness port
+from a bundle's agent configuration. The only place that knows which concrete driver serves
+which module kind.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hvha.agent.fsm import Ev
+from hvha.agent.heartbeat import next_incarnation
+from hvha.agent.leases import NoWitness, PingWitness, Verdict, WitnessPort, WitnessUnreachableError
+from hvha.agent.runtime import NoReplication, Replicator
+from hvha.agent.witness_client import WitnessClient, WitnessUnreachable
+from hvha.drivers.app import ScriptDriver
+from hvha.drivers.base import DriverPayload
+
+
+class ArbiterWitness:
+    """The lease client as the lease manager's witness port."""
+
+    def __init__(self, client: WitnessClient) -> None:
+        self.client = client
+
+    async def request(self, claims: list[tuple[str, str]]) -> dict[str, Verdict]:
+        try:
+            views = await self.client.request(claims)
+        except WitnessUnreachable as exc:
+            raise WitnessUnreachableError(str(exc)) from None
+        return {m: Verdict(v.granted, v.valid_until, v.holder) for m, v in views.items()}
+
+
+def witness_for(config: dict[str, Any], secret: bytes, state_dir: Path) -> WitnessPort:
+    w = config["witness"]
+    lease = float(w.get("lease") or config["heartbeat"]["timeout"])
+    if w["kind"] == "arbiter":
+        return ArbiterWitness(WitnessClient(
+            config["cluster"]["name"], config["node"]["name"], secret, w["address"],
+            int(w["port"]), lease=lease, incarnation=next_incarnation(state_dir / "witness")))
+    if w["kind"] == "ping":
+        from hvha.agent.witness_client import PingWitness as Pinger
+
+        pinger = Pinger(list(w["targets"]))
+        return PingWitness(pinger.reachable, float(config["heartbeat"]["timeout"]))
+    return NoWitness()
+
+
+class PendingReplication(NoReplication):
+    """Replicated directories without the mirror (replication is a separate issue): the local
+    copy counts as good only after the operator named this node with `hvha prim`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def data_ok(self) -> bool:
+        return self.marker.exists()
+
+    def in_sync(self) -> bool:
+        return False
+
+    def generation(self) -> str:
+        return "unknown"
+
+    async def become_primary(self) -> None:
+        self.marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.marker.touch()
+
+
+class Ports:
+    def __init__(self, root: Path, config: dict[str, Any], state_dir: Path) -> None:
+        self.root = root
+        self.config = config
+        self.state_dir = state_dir
+
+    def env(self, m: dict[str, Any]) -> dict[str, str]:
+        return {"HVHA_MODULE": m["name"], "HVHA_NODE": self.config["node"]["name"],
+                "HVHA_PEER": self.config["peer"]["name"]}
+
+    def build(self, m: dict[str, Any], agent: Any) -> tuple[Any, Any, Any, Replicator]:
+        from hvha.agent.checkers import CheckerSet
+        from hvha.drivers.vip import Vip
+
+        driver = ScriptDriver(self.root, m, self.env(m))
+        payload = DriverPayload(driver)
+        vip = None
+        if m.get("vip"):
+            vip = Vip(m["vip"]["address"], m["vip"].get("interface"))
+        name = m["name"]
+
+        def on_event(event: Any) -> None:
+            runtime = agent.modules[name]
+            if event.action == "wait":
+                runtime.post(Ev.RESOURCE_UP if event.ok else Ev.RESOURCE_DOWN,
+                             action=event.name, detail=event.detail)
+            elif not event.ok:
+                runtime.post(Ev.PAYLOAD_FAILED, action=event.action,
+                             detail=f"checker {event.name}: {event.detail}")
+
+        checkers = CheckerSet(m["checkers"], driver, on_event) if m["checkers"] else None
+        replicator: Replicator = NoReplication() if not m["replicated"] else PendingReplication(
+            self.state_dir / "modules" / name / "data-ok")
+        return payload, vip, checkers, replicator
+

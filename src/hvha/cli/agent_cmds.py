@@ -1,0 +1,175 @@
+"""Node-side commands: `hvha agent`, `hvha status`, `hvha state`, and the module commands
+(`start`, `stop`, `restart`, `prim`, `second`, `swap`, `checker on|off`, `failover on|off`).
+
+The operator commands talk to the local agent over its control socket
+(``--socket``, ``$HVHA_SOCKET``, default ``/var/lib/hvha/control.sock``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hvha.cli.main import UserError
+
+DEFAULT_STATE = "/var/lib/hvha"
+COLOURS = {"STOP": "red", "WAIT": "dark_orange", "ALONE": "green", "PRIM": "green",
+           "SECOND": "green"}
+
+
+def _socket_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket", default=os.environ.get("HVHA_SOCKET",
+                                                      f"{DEFAULT_STATE}/control.sock"),
+                   help="the agent's control socket (default: $HVHA_SOCKET or %(default)s)")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("agent", help="run this node's modules (the node daemon)")
+    p.add_argument("--bundle", required=True, help="<node>.bundle from `hvha compile`")
+    p.add_argument("--state-dir", default=DEFAULT_STATE)
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+    p.set_defaults(func=cmd_agent)
+
+    p = sub.add_parser("status", help="modules and their state on both nodes")
+    _socket_arg(p)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("state", help="exit with the module's state (STOP 0 ... SECOND 4)")
+    _socket_arg(p)
+    p.add_argument("module")
+    p.set_defaults(func=cmd_state)
+
+    for name, text in (("start", "start the module on this node"),
+                       ("stop", "stop the module on this node (the peer takes over)"),
+                       ("restart", "restart the payload here, without failover"),
+                       ("prim", "make this node primary (its data is the good copy)"),
+                       ("second", "make this node secondary"),
+                       ("swap", "move the module to the other node")):
+        p = sub.add_parser(name, help=text)
+        _socket_arg(p)
+        p.add_argument("module")
+        p.set_defaults(func=cmd_module, command=name)
+
+    for name, text in (("checker", "maintenance: turn the module's checkers on or off"),
+                       ("failover", "maintenance: turn automatic failover on or off")):
+        p = sub.add_parser(name, help=text)
+        _socket_arg(p)
+        p.add_argument("switch", choices=("on", "off"))
+        p.add_argument("module")
+        p.set_defaults(func=cmd_switch, command="checkers" if name == "checker" else name)
+
+
+def _call(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any]:
+    from hvha.agent.control import call
+
+    path = Path(args.socket)
+    try:
+        reply = call(path, request)
+    except FileNotFoundError:
+        raise UserError(f"no agent socket at {path}: is `hvha agent` running on this node? "
+                        "(use --socket or $HVHA_SOCKET)") from None
+    except (ConnectionRefusedError, OSError) as exc:
+        raise UserError(f"cannot reach the agent at {path}: {exc}") from None
+    if not reply.get("ok"):
+        raise UserError(str(reply.get("error", "the agent refused the request")))
+    return reply
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from hvha.agent.bundle_io import BundleError, install_bundle, read_secret
+    from hvha.agent.daemon import Agent
+    from hvha.agent.ports import Ports, witness_for
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    state = Path(args.state_dir)
+    try:
+        root, config = install_bundle(Path(args.bundle), state)
+        secret = read_secret(config["cluster"]["secret"])
+    except BundleError as exc:
+        raise UserError(str(exc)) from None
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        agent = Agent(root, config, state, secret, Ports(root, config, state),
+                      witness_for(config, secret, state))
+        await agent.run(stop)
+
+    asyncio.run(main())
+    return 0
+
+
+def render_status(status: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    node, peer = status["node"], status["peer"]
+    table = Table(title=f"cluster {status['cluster']}: {node} (this node), {peer} "
+                  f"({'alive' if status['peer_alive'] else 'NOT HEARD'}), witness "
+                  f"{status['witness']['mode']}"
+                  f"{'' if status['witness']['reachable'] else ' UNREACHABLE'}")
+    for col in ("module", node, peer, "primary", "since", "why"):
+        table.add_column(col)
+    for m in status["modules"]:
+        mine, theirs = m["role"], m["peer_role"] or ("?" if status["peer_alive"] else "-")
+        primary = node if mine in ("PRIM", "ALONE") else (
+            peer if theirs in ("PRIM", "ALONE") else "none")
+        since = m["history"][-1]["at"] if m["history"] else status["started"]
+        table.add_row(m["module"], f"[{COLOURS.get(mine, 'white')}]{mine}[/]",
+                      f"[{COLOURS.get(theirs, 'white')}]{theirs}[/]", primary,
+                      time.strftime("%H:%M:%S", time.localtime(since)), m["reason"])
+    return table
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    status = _call(args, {"cmd": "status"})["status"]
+    if args.json:
+        sys.stdout.write(json.dumps(status, indent=2, sort_keys=True) + "\n")
+        return 0
+    console = Console()
+    if not args.watch:
+        console.print(render_status(status))
+        return 0
+    with Live(render_status(status), console=console, refresh_per_second=2) as live:
+        while True:
+            time.sleep(1)
+            live.update(render_status(_call(args, {"cmd": "status"})["status"]))
+
+
+def cmd_state(args: argparse.Namespace) -> int:
+    from hvha.agent.fsm import Role
+
+    status = _call(args, {"cmd": "status"})["status"]
+    for m in status["modules"]:
+        if m["module"] == args.module:
+            print(m["role"])
+            return Role(m["role"]).exit_code
+    raise UserError(f"no module '{args.module}' on this node")
+
+
+def cmd_module(args: argparse.Namespace) -> int:
+    reply = _call(args, {"cmd": args.command, "module": args.module})
+    m = reply["module"]
+    print(f"{m['module']}: {m['role']} ({m['reason']})")
+    return 0
+
+
+def cmd_switch(args: argparse.Namespace) -> int:
+    reply = _call(args, {"cmd": args.command, "module": args.module, "on": args.switch == "on"})
+    print(f"{reply['module']['module']}: {args.command} {args.switch}")
+    return 0
