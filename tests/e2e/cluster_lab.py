@@ -73,7 +73,7 @@ class ClusterLab:
         self.vip = str(lab.vip)
         self.vip_ip = self.vip.split("/")[0]
         lines = [
-            "cluster: {name: e2e, secret: {file: %s}}" % self.secret,
+            f"cluster: {{name: e2e, secret: {{file: {self.secret}}}}}",
             "nodes:",
         ]
         for node in NODES:
@@ -117,6 +117,13 @@ class ClusterLab:
         return self.state_dir(node) / "control.sock"
 
     def _spawn(self, role: str, key: str, argv: list[str]) -> None:
+        old = self.procs.pop(key, None)
+        if old is not None:  # reap a process a fault killed before replacing it
+            try:
+                old.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                old.kill()
+                old.wait()
         log = open(self.work / "run" / f"{key}.log", "ab")  # noqa: SIM115 - owned by the process
         self.procs[key] = self.lab.exec(role, argv, stdout=log, stderr=subprocess.STDOUT)
         log.close()

@@ -8,6 +8,7 @@ resolves in a few seconds. The role sampler reads the VIP from the kernel of eac
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -48,7 +49,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         the_lab.down(purge=True, grace=0.5)
 
 
-def _cluster(lab: Lab, tmp_path: Path, **kw: object) -> Iterator[ClusterLab]:
+@contextlib.contextmanager
+def running_cluster(lab: Lab, tmp_path: Path, **kw: object) -> Iterator[ClusterLab]:
     for node in ("node1", "node2"):
         for net in ("lan", "repl"):
             lab.set_link(node, net, True)
@@ -69,7 +71,8 @@ def _cluster(lab: Lab, tmp_path: Path, **kw: object) -> Iterator[ClusterLab]:
 
 @pytest.fixture
 def cluster(lab: Lab, tmp_path: Path) -> Iterator[ClusterLab]:
-    yield from _cluster(lab, tmp_path)
+    with running_cluster(lab, tmp_path) as c:
+        yield c
 
 
 def test_cluster_comes_up_with_one_primary(cluster: ClusterLab) -> None:
@@ -93,8 +96,9 @@ def test_primary_power_off_fails_over_and_rejoins_as_secondary(cluster: ClusterL
     assert cluster.role("node2") == "ALONE"
     assert time.monotonic() - killed < DEADLINE, took
     cluster.power_on("node1")
-    cluster.wait_for("node1 back as SECOND", lambda: cluster.role("node1") == "SECOND", 20)
-    assert cluster.role("node2") == "PRIM"
+    cluster.wait_for("node1 back as SECOND and node2 PRIM",
+                     lambda: cluster.role("node1") == "SECOND" and cluster.role("node2") == "PRIM",
+                     20)
     assert cluster.dual_primary_samples(cut={"node1"}) == []
     assert cluster.vip_holders() == {"node2"}
 
@@ -113,15 +117,19 @@ def test_kill_9_of_primary_agent_and_app(cluster: ClusterLab) -> None:
 
 def test_sigstop_primary_then_sigcont_fences_itself(cluster: ClusterLab) -> None:
     pids = cluster.lab.pids("node1")
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
+
+    def signal_all(sig: int) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):  # a short-lived script ended
+                os.kill(pid, sig)
+
+    signal_all(signal.SIGSTOP)
     try:
         cluster.wait_for("node2 primary", lambda: cluster.role("node2") in ("ALONE", "PRIM"),
                          DEADLINE)
         time.sleep(max(0.0, 3 * T - DEADLINE / 2))
     finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
+        signal_all(signal.SIGCONT)
     resumed = time.monotonic()
     cluster.wait_for("node1 gives up the VIP", lambda: cluster.vip_holders() == {"node2"}, 5)
     assert time.monotonic() - resumed < 5
@@ -173,14 +181,14 @@ def test_swap_moves_the_module(cluster: ClusterLab) -> None:
 
 
 def test_app_crash_restarts_locally_then_fails_over(lab: Lab, tmp_path: Path) -> None:
-    for c in _cluster(lab, tmp_path, restart_count=1):
+    with running_cluster(lab, tmp_path, restart_count=1) as c:
         pidfile = c.work / "run" / "node1.pid"
         for attempt in range(2):
             pid = int(pidfile.read_text())
             os.kill(pid, signal.SIGKILL)
             if attempt == 0:
                 c.wait_for("local restart on node1",
-                           lambda p=pid: pidfile.exists() and int(pidfile.read_text()) != p
+                           lambda p=pid, f=pidfile, c=c: f.exists() and int(f.read_text()) != p
                            and c.client_get() == "node1", 15)
         c.wait_for("failover to node2 after the budget",
                    lambda: c.client_get() == "node2" and c.role("node1") == "STOP", 20)
@@ -188,7 +196,7 @@ def test_app_crash_restarts_locally_then_fails_over(lab: Lab, tmp_path: Path) ->
 
 
 def test_failback_to_the_preferred_node(lab: Lab, tmp_path: Path) -> None:
-    for c in _cluster(lab, tmp_path, failback=True):
+    with running_cluster(lab, tmp_path, failback=True) as c:
         c.power_off("node1")
         c.wait_for("node2 primary", lambda: c.client_get() == "node2", DEADLINE)
         c.power_on("node1")
@@ -218,5 +226,6 @@ def test_forged_and_replayed_heartbeats_are_dropped(cluster: ClusterLab) -> None
     assert after is not None
     c0, c1 = before["heartbeat"]["counters"], after["heartbeat"]["counters"]
     assert c1["dropped_bad_mac"] >= c0["dropped_bad_mac"] + 5
-    assert c1["dropped_replay"] >= c0["dropped_replay"] + 5
+    replays = lambda c: c["dropped_replay"] + c["dropped_duplicate"]  # noqa: E731
+    assert replays(c1) >= replays(c0) + 5
     assert cluster.role("node1") == "PRIM" and cluster.role("node2") == "SECOND"

@@ -64,8 +64,7 @@ def test_every_pair_keeps_the_invariants(pair: tuple[State, Event]) -> None:
         assert not {Action.START_PAYLOAD, Action.ADD_VIP, Action.RESTART_PAYLOAD} & set(actions)
     # Only `start` leaves STOP; `stop` always reaches it.
     if s.role is Role.STOP and e.kind is not Ev.CMD_START:
-        late_grant = [Action.RELEASE_LEASE] if e.kind is Ev.LEASE_GRANTED else []
-        assert t.role is Role.STOP and actions in ([], late_grant)
+        assert t.role is Role.STOP and actions in ([], [Action.RELEASE_LEASE])
     if e.kind is Ev.CMD_STOP:
         assert t.role is Role.STOP
     # The lease is asked for only by a standby node whose peer is not primary.
@@ -73,6 +72,12 @@ def test_every_pair_keeps_the_invariants(pair: tuple[State, Event]) -> None:
         assert not t.role.primary and t.acquiring
         assert not (t.peer_alive and t.peer_role is not None and t.peer_role.primary)
     assert len(actions) == len(set(actions))
+    # Whoever stops asking for the lease without getting the role cancels the request.
+    if s.acquiring and not t.acquiring and not t.role.primary and e.kind is not Ev.LEASE_DENIED:
+        assert Action.RELEASE_LEASE in actions
+    # A grant nobody asked for is handed back.
+    if e.kind is Ev.LEASE_GRANTED and not s.acquiring and not s.role.primary:
+        assert actions == [Action.RELEASE_LEASE]
 
 
 def run(s: State, *events: Event, p: Policy = P) -> tuple[State, list[Action]]:
@@ -107,7 +112,7 @@ def test_failover_when_the_primary_dies_needs_the_lease() -> None:
     assert (s.role, acts) == (Role.SECOND, [Action.ACQUIRE_LEASE])
     denied, acts = run(s, Event(Ev.LEASE_DENIED, 6, detail="held by node1"))
     assert denied.role is Role.WAIT and "node1" in denied.reason and not acts
-    again, acts = run(denied, Event(Ev.TICK, 7))
+    _, acts = run(denied, Event(Ev.TICK, 7))
     assert acts == [Action.ACQUIRE_LEASE]
     s, acts = run(s, Event(Ev.LEASE_GRANTED, 6))
     assert (s.role, acts) == (Role.ALONE, TO_PRIMARY)
@@ -221,6 +226,15 @@ def test_split_brain_the_non_designated_node_gives_way() -> None:
     assert loser.role is Role.WAIT and Action.FENCE in acts
     winner, acts = run(State(role=Role.ALONE), e)
     assert winner.role is Role.ALONE and not acts
+
+
+def test_with_an_arbiter_the_lease_holder_keeps_the_role() -> None:
+    """Regression (e2e SIGSTOP/SIGCONT): a resumed node's stale PRIM must not make the lease
+    holder give way; the resumed node fences itself for lack of a lease."""
+    e = Event(Ev.PEER, 1, peer_alive=True, peer_role=Role.PRIM)
+    p = replace(P, arbitrated=True, designated=False)
+    holder, acts = run(State(role=Role.ALONE), e, p=p)
+    assert holder.role is Role.ALONE and not acts
 
 
 def test_resource_down_stops_and_waits_then_recovers() -> None:

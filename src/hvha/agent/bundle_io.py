@@ -67,11 +67,11 @@ def read_secret(ref: dict[str, str]) -> bytes:
         value = os.environ.get(ref["ref"], "")
         if not value:
             raise BundleError(f"environment variable {ref['ref']} (the cluster secret) is empty")
-        return value.encode()
+        return value.encode().rstrip(b"\r\n")
     path = Path(ref["ref"]).expanduser()
     try:
         st = path.stat()
-        data = path.read_bytes().strip()
+        data = path.read_bytes().rstrip(b"\r\n")  # as `hvha witness` reads it
     except OSError as exc:
         raise BundleError(f"cannot read the cluster secret {path}: {exc.strerror}") from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hvha.agent.frames import HEARTBEAT_KEY_PURPOSE, Frame, derive_key
 from hvha.agent.fsm import Ev, Policy, Role
 from hvha.agent.heartbeat import (
     HeartbeatConfig,
@@ -23,7 +24,6 @@ from hvha.agent.heartbeat import (
     HeartbeatService,
     next_incarnation,
 )
-from hvha.agent.frames import HEARTBEAT_KEY_PURPOSE, Frame, derive_key
 from hvha.agent.leases import LeaseManager, NoWitness, WitnessPort
 from hvha.agent.runtime import ModuleRuntime
 
@@ -63,7 +63,7 @@ class Agent:
             f = m["failover"]
             preferred = f.get("preferred")
             policy = Policy(
-                automatic=f["automatic"],
+                automatic=f["automatic"], arbitrated=config["witness"]["kind"] == "arbiter",
                 designated=preferred == self.node if preferred else names[0] == self.node,
                 peer_preferred=preferred == self.peer, failback=f["failback"],
                 stability_window=f["stability_window"], restart_count=f["restart_count"],
@@ -180,7 +180,7 @@ class Agent:
                 log.warning("module %s: stopping a payload left by a previous agent",
                             runtime.name)
                 await runtime.payload.stop(fence=True)
-        except Exception as exc:  # noqa: BLE001 - reported; the module still starts in WAIT
+        except Exception as exc:
             runtime.last_error = f"clean-up at start: {exc}"
             log.error("module %s: clean-up at start failed: %s", runtime.name, exc)
 

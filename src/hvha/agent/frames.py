@@ -54,6 +54,8 @@ MAX_PAYLOAD_SIZE = MAX_FRAME_SIZE - MIN_FRAME_SIZE - MAX_SENDER_BYTES
 
 class FrameKind(enum.IntEnum):
     HEARTBEAT = 1
+    WITNESS_REQUEST = 2  # node -> witness, see hvha.agent.witness
+    WITNESS_REPLY = 3  # witness -> node
 
 
 class FrameError(Exception):

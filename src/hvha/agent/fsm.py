@@ -74,6 +74,7 @@ class Policy:
     """What the configuration says, seen from this node."""
 
     automatic: bool = True
+    arbitrated: bool = False  # an arbiter witness grants leases: the lease, not a tie-break, rules
     designated: bool = True  # this node goes first when both could: preferred, else lower name
     peer_preferred: bool = False  # the peer is the preferred node (failback goes there)
     failback: bool = False
@@ -161,7 +162,17 @@ def _observe(s: State, e: Event) -> State:
 
 def step(s: State, e: Event, p: Policy) -> Result:
     """One transition. Total: every (role, event) pair gives a state and a list of actions."""
-    s = _observe(s, e)
+    t, actions = _dispatch(_observe(s, e), e, p)
+    ended = e.kind is Ev.LEASE_DENIED  # a refusal already ended the request
+    if s.acquiring and not t.acquiring and not t.role.primary and not ended \
+            and Action.RELEASE_LEASE not in actions:
+        # No longer asking: cancel the request, and hand back a grant that may arrive late,
+        # or the witness would refuse the real primary's next renewal.
+        actions = [*actions, Action.RELEASE_LEASE]
+    return t, actions
+
+
+def _dispatch(s: State, e: Event, p: Policy) -> Result:
     handler = _HANDLERS.get(e.kind)
     if handler is not None:
         result = handler(s, e, p)
@@ -184,6 +195,8 @@ def _settle_primary(s: State, now: float, p: Policy) -> Result:
         return _leave_primary(s, Role.WAIT, f"resource down: {', '.join(sorted(s.resources_down))}",
                               now)
     if s.peer_alive and s.peer_role is not None and s.peer_role.primary:
+        if p.arbitrated:  # we hold the lease; a peer without one fences itself (see leases.py)
+            return _go(s, s.role, "the peer claims the primary role without the lease", now), []
         if not p.designated:  # both primary (no witness, or ping witness): one must give way
             return _leave_primary(s, Role.WAIT, "split brain: the peer is primary too", now,
                                   fence=True)
@@ -284,8 +297,10 @@ def _cmd_restart(s: State, e: Event, p: Policy) -> Result | None:
 
 
 def _lease_granted(s: State, e: Event, p: Policy) -> Result | None:
-    if s.role.primary or not s.acquiring:
-        return s, []  # a renewal, or a grant that arrived after we stopped asking
+    if s.role.primary:
+        return s, []  # a renewal
+    if not s.acquiring:  # a grant that arrived after we stopped asking: hand it back
+        return s, [Action.RELEASE_LEASE]
     peer_primary = s.peer_alive and s.peer_role is not None and s.peer_role.primary
     if s.role is Role.STOP or peer_primary or s.resources_down or not s.data_ok:
         return replace(s, acquiring=False), [Action.RELEASE_LEASE]

@@ -131,7 +131,7 @@ class ModuleRuntime:
             event = await self._queue.get()
             try:
                 await self._handle(event)
-            except Exception as exc:  # noqa: BLE001 - a module must not die with its loop
+            except Exception as exc:
                 self.errors += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("module %s: handling %s failed", self.name, event.kind)
@@ -185,7 +185,7 @@ class ModuleRuntime:
     async def _start_payload(self) -> None:
         try:
             await self.payload.start()
-        except Exception as exc:  # noqa: BLE001 - a failed start is an event, not a crash
+        except Exception as exc:
             self.last_error = str(exc)
             self.post(Ev.PAYLOAD_FAILED, action="restart", detail=f"start failed: {exc}")
 
