@@ -62,7 +62,7 @@ class Network:
 class Heartbeat:
     interval: float
     timeout: float
-    port: int | None  # none for the local transport
+    port: int
     networks: tuple[Network, ...]
 
     @property
@@ -83,7 +83,7 @@ class Witness:
 
 @dataclass(frozen=True)
 class Replication:
-    port: int | None  # none for the local transport
+    port: int
     streams: int
     zone_size: int
 
