@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: sets up what is missing, then runs the job asked for.
-#   ./dev.sh demo   the main job: the embedded two-node lab example, validated, graphed, compiled
-#   ./dev.sh test   lint, type-check and the whole test suite (what CI runs)
+#   ./dev.sh demo       the main job: the two-node lab on this machine running examples/lab.yaml
+#   ./dev.sh demo-down  stop the demo's processes (by pid) and remove the lab
+#   ./dev.sh test       lint, type-check and the whole test suite (what CI runs)
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=.venv
-APT_PACKAGES=(iproute2 iputils-ping procps)
+APT_PACKAGES=(iproute2 iputils-ping procps keepalived)
 
 need_apt() {
   local missing=()
@@ -32,12 +33,60 @@ setup() {
   fi
 }
 
+LAB=/var/lib/hvha-lab/lab
+HVHA="$PWD/$VENV/bin/hvha"
+
+demo_down() {
+  for f in "$LAB"/demo/*.pid; do
+    [ -f "$f" ] || continue
+    pid=$(cat "$f"); kill "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+    rm -f "$f"
+  done
+  [ -x "$HVHA" ] && "$HVHA" lab down || true
+}
+
+demo() {
+  [ "$(id -u)" -eq 0 ] || { echo "the lab needs root (network namespaces)" >&2; exit 1; }
+  "$HVHA" validate examples/lab.yaml
+  demo_down >/dev/null 2>&1 || true
+  "$HVHA" lab up
+  install -d -m 700 "$LAB/app" "$LAB/demo"
+  install -m 700 examples/lab-app/* "$LAB/app/"
+  if [ ! -s "$LAB/cluster.key" ]; then
+    (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$LAB/cluster.key")
+  fi
+  "$HVHA" compile examples/lab.yaml -o "$LAB/bundles"
+  ip netns exec lab-witness setsid "$HVHA" witness --cluster lab --secret-file "$LAB/cluster.key" \
+    >"$LAB/demo/witness.log" 2>&1 </dev/null & echo $! >"$LAB/demo/witness.pid"
+  for n in node1 node2; do
+    ip netns exec "lab-$n" setsid "$HVHA" agent --bundle "$LAB/bundles/$n.bundle" \
+      --state-dir "$LAB/$n/state" >"$LAB/demo/$n.log" 2>&1 </dev/null & echo $! >"$LAB/demo/$n.pid"
+  done
+  echo "waiting for the module to start (first start: the witness grants the role after its grace)"
+  for _ in $(seq 150); do
+    "$HVHA" state web --socket "$LAB/node1/state/control.sock" >/dev/null 2>&1 && true
+    [ "$("$HVHA" state web --socket "$LAB/node2/state/control.sock" 2>/dev/null)" = SECOND ] && break
+    sleep 0.2
+  done
+  "$HVHA" status --socket "$LAB/node1/state/control.sock"
+  echo "client through the VIP: $(ip netns exec lab-client python3 -c 'import socket; print(socket.create_connection(("10.77.0.100", 8080), 2).recv(64).decode().strip())')"
+  cat <<EOF2
+Try:  $HVHA swap web --socket $LAB/node1/state/control.sock
+      $HVHA status --watch --socket $LAB/node2/state/control.sock
+      kill -9 \$(cat $LAB/demo/node1.pid)      # then watch node2 take over
+Stop: ./dev.sh demo-down
+EOF2
+}
+
 case "${1:-}" in
   demo)
     setup
-    "$VENV/bin/hvha" validate examples/lab.yaml
-    "$VENV/bin/hvha" graph examples/lab.yaml --order start
-    "$VENV/bin/hvha" compile examples/lab.yaml -o out/lab
+    demo
+    ;;
+  demo-down)
+    demo_down
     ;;
   test)
     setup
@@ -49,7 +98,7 @@ case "${1:-}" in
     setup
     ;;
   *)
-    echo "usage: ./dev.sh demo|test|setup" >&2
+    echo "usage: ./dev.sh demo|demo-down|test|setup" >&2
     exit 2
     ;;
 esac

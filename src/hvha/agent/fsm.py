@@ -208,7 +208,7 @@ def _settle_primary(s: State, now: float, p: Policy) -> Result:
                               "failback to the preferred node", now)
     in_sync = s.peer_alive and s.peer_role is Role.SECOND and s.peer_in_sync
     role = Role.PRIM if in_sync else Role.ALONE
-    reason = "mirroring to the peer" if in_sync else (
+    reason = "the peer is an in-sync secondary" if in_sync else (
         "peer in resync" if s.peer_alive and s.peer_role is Role.SECOND else "peer away")
     return _go(s, role, reason, now), []
 

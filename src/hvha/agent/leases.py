@@ -30,6 +30,7 @@ class Verdict:
     granted: bool
     valid_until: float  # node monotonic clock; meaningful when granted
     holder: str | None = None
+    ttl: float = 0.0  # refused: seconds left on the holder's lease
 
 
 class WitnessUnreachableError(Exception):
@@ -160,6 +161,11 @@ class LeaseManager:
                 self.acquiring.discard(module)
                 who = f"held by {verdict.holder}" if verdict.holder else "refused"
                 self.poster.post_to(module, Ev.LEASE_DENIED, detail=who)
+                if verdict.holder and 0 < verdict.ttl <= self.lease:
+                    # Ask again the moment the holder's lease runs out, not at the next tick:
+                    # after a crash that is what stands between us and the takeover.
+                    asyncio.get_running_loop().call_later(
+                        verdict.ttl + 0.02, self.poster.post_to, module, Ev.TICK)
 
     async def _fence_loop(self) -> None:
         while True:

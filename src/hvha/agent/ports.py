@@ -5,6 +5,9 @@ which module kind.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,8 @@ from hvha.agent.runtime import NoReplication, Replicator
 from hvha.agent.witness_client import WitnessClient, WitnessUnreachable
 from hvha.drivers.app import ScriptDriver
 from hvha.drivers.base import DriverPayload
+
+log = logging.getLogger("hvha.agent")
 
 
 class ArbiterWitness:
@@ -28,7 +33,7 @@ class ArbiterWitness:
             views = await self.client.request(claims)
         except WitnessUnreachable as exc:
             raise WitnessUnreachableError(str(exc)) from None
-        return {m: Verdict(v.granted, v.valid_until, v.holder) for m, v in views.items()}
+        return {m: Verdict(v.granted, v.valid_until, v.holder, v.ttl) for m, v in views.items()}
 
 
 def witness_for(config: dict[str, Any], secret: bytes, state_dir: Path) -> WitnessPort:
@@ -44,6 +49,41 @@ def witness_for(config: dict[str, Any], secret: bytes, state_dir: Path) -> Witne
         pinger = Pinger(list(w["targets"]))
         return PingWitness(pinger.reachable, float(config["heartbeat"]["timeout"]))
     return NoWitness()
+
+
+class AnnouncedVip:
+    """A VIP whose first gratuitous ARP goes out before ``add`` returns and whose repeats go
+    out in the background, so the payload's start is not held up by the announcement train."""
+
+    def __init__(self, vip: Any) -> None:
+        self.vip = vip
+        self._repeats: asyncio.Task[None] | None = None
+
+    async def add(self) -> None:
+        from hvha.drivers import garp
+
+        await self.vip.add(announce=False)
+        ifname = await self.vip.resolve_interface()
+        try:
+            await garp.announce(ifname, self.vip.ip, count=1)
+        except garp.GarpError as exc:
+            log.warning("VIP %s: gratuitous ARP failed: %s", self.vip.ip, exc)
+
+        async def repeats() -> None:
+            with contextlib.suppress(garp.GarpError):
+                await asyncio.sleep(self.vip.garp_interval)
+                await garp.announce(ifname, self.vip.ip, count=max(1, self.vip.garp_count - 1),
+                                    interval=self.vip.garp_interval)
+
+        self._repeats = asyncio.create_task(repeats(), name="garp")
+
+    async def remove(self) -> None:
+        if self._repeats is not None:
+            self._repeats.cancel()
+        await self.vip.remove()
+
+    async def present(self) -> bool:
+        return bool(await self.vip.present())
 
 
 class PendingReplication(NoReplication):
@@ -85,7 +125,7 @@ class Ports:
         payload = DriverPayload(driver)
         vip = None
         if m.get("vip"):
-            vip = Vip(m["vip"]["address"], m["vip"].get("interface"))
+            vip = AnnouncedVip(Vip(m["vip"]["address"], m["vip"].get("interface")))
         name = m["name"]
 
         def on_event(event: Any) -> None:
