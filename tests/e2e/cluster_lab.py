@@ -66,10 +66,13 @@ class ClusterLab:
         pid = f"{work}/run/$HVHA_NODE.pid"
         _script(app / "start", f'setsid {sys.executable} {work}/server.py "$HVHA_NODE" '
                 f'>>{work}/run/$HVHA_NODE-app.log 2>&1 < /dev/null &\necho $! > {pid}\n')
-        _script(app / "stop", f'p=$(cat {pid} 2>/dev/null) || exit 0\n'
+        # A zombie (killed, not reaped: PID 1 here does not reap orphans) counts as stopped.
+        alive = ('alive() { [ -r "/proc/$p/status" ] && '
+                 '! grep -q "^State:[[:space:]]*Z" "/proc/$p/status"; }\n')
+        _script(app / "stop", f'p=$(cat {pid} 2>/dev/null) || exit 0\n{alive}'
                 f'if [ "$HVHA_STOP_MODE" = force ]; then kill -9 "$p"; else kill "$p"; fi\n'
-                f'while kill -0 "$p" 2>/dev/null; do sleep 0.05; done\nrm -f {pid}\n')
-        _script(app / "status", f'kill -0 "$(cat {pid} 2>/dev/null)" 2>/dev/null\n')
+                f'while alive; do sleep 0.05; done\nrm -f {pid}\n')
+        _script(app / "status", f'p=$(cat {pid} 2>/dev/null) || exit 1\n{alive}alive\n')
         self.vip = str(lab.vip)
         self.vip_ip = self.vip.split("/")[0]
         lines = [

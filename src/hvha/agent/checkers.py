@@ -127,14 +127,16 @@ def count_processes(pattern: str, *, same_netns: bool = False) -> int:
 async def tcp_connect(host: str, port: int, timeout: float) -> tuple[bool, str]:
     """Open and close a TCP connection to ``host:port`` within ``timeout`` s."""
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(host, port)
     except TimeoutError:
         return False, f"{host}:{port}: no connection within {timeout:g}s"
     except OSError as exc:
-        return False, f"{host}:{port}: {exc.strerror or exc}"
+        return False, f"{host}:{port}: {os.strerror(exc.errno) if exc.errno else exc}"
     writer.close()
     with contextlib.suppress(OSError, TimeoutError):
-        await asyncio.wait_for(writer.wait_closed(), 1.0)
+        async with asyncio.timeout(1.0):
+            await writer.wait_closed()
     return True, f"{host}:{port}: connected"
 
 
@@ -187,7 +189,8 @@ async def icmp_ping(host: str, timeout: float) -> float:
             left = deadline - loop.time()
             if left <= 0:
                 raise TimeoutError(f"no echo reply from {addr} within {timeout:g}s")
-            data, src = await asyncio.wait_for(loop.sock_recvfrom(sock, 4096), left)
+            async with asyncio.timeout(left):
+                data, src = await loop.sock_recvfrom(sock, 4096)
             if raw:
                 if src[0] != addr or not data:
                     continue
@@ -307,8 +310,8 @@ class CheckerSet:
         """Probe checker ``name`` once and account for the result (see :meth:`record`)."""
         spec = self._states[name].spec
         try:
-            ok, detail = await asyncio.wait_for(self._probes[spec.type](spec),
-                                                spec.timeout + self.guard)
+            async with asyncio.timeout(spec.timeout + self.guard):
+                ok, detail = await self._probes[spec.type](spec)
         except TimeoutError:
             ok, detail = False, f"no answer within {spec.timeout:g}s"
         except Exception as exc:  # a broken probe is a failed check
@@ -392,5 +395,6 @@ class CheckerSet:
     async def _probe_vm_state(self, spec: CheckerSpec) -> tuple[bool, str]:
         if self.driver is None:
             return False, "no payload driver to ask"
-        up = await asyncio.wait_for(self.driver.running(), spec.timeout)
+        async with asyncio.timeout(spec.timeout):
+            up = await self.driver.running()
         return up, "payload running" if up else "payload not running"

@@ -137,7 +137,10 @@ class Ports:
                 runtime.post(Ev.PAYLOAD_FAILED, action=event.action,
                              detail=f"checker {event.name}: {event.detail}")
 
-        checkers = CheckerSet(m["checkers"], driver, on_event) if m["checkers"] else None
+        # Count only processes in this node's network namespace (the lab's nodes share one
+        # pid namespace; on a real server this is every process).
+        checkers = (CheckerSet(m["checkers"], driver, on_event, env=self.env(m),
+                               same_netns=True) if m["checkers"] else None)
         replicator: Replicator = NoReplication() if not m["replicated"] else PendingReplication(
             self.state_dir / "modules" / name / "data-ok")
         return payload, vip, checkers, replicator
