@@ -61,7 +61,8 @@ def test_every_pair_keeps_the_invariants(pair: tuple[State, Event]) -> None:
         assert actions.index(Action.STOP_CHECKERS) < actions.index(Action.DEL_VIP)
     # A module outside the primary role never starts anything.
     if not t.role.primary:
-        assert not {Action.START_PAYLOAD, Action.ADD_VIP, Action.RESTART_PAYLOAD} & set(actions)
+        assert not {Action.START_PAYLOAD, Action.ADD_VIP, Action.RESTART_PAYLOAD,
+                    Action.ANNOUNCE_VIP} & set(actions)
     # Only `start` leaves STOP; `stop` always reaches it.
     if s.role is Role.STOP and e.kind is not Ev.CMD_START:
         assert t.role is Role.STOP and actions in ([], [Action.RELEASE_LEASE])
@@ -94,7 +95,7 @@ def test_first_start_designated_node_asks_then_becomes_alone() -> None:
     s, acts = run(s, Event(Ev.LEASE_GRANTED, 1))
     assert (s.role, acts) == (Role.ALONE, TO_PRIMARY)
     s, acts = run(s, Event(Ev.PEER, 2, peer_alive=True, peer_role=Role.SECOND, peer_in_sync=True))
-    assert (s.role, acts) == (Role.PRIM, [])
+    assert (s.role, acts) == (Role.PRIM, [Action.ANNOUNCE_VIP])
 
 
 def test_non_designated_node_waits_for_a_live_peer_then_follows() -> None:
@@ -173,7 +174,7 @@ def test_failback_waits_for_the_stability_window() -> None:
     s = State(role=Role.ALONE)
     s, acts = run(s, Event(Ev.PEER, 100, peer_alive=True, peer_role=Role.SECOND,
                            peer_in_sync=True), p=p)
-    assert (s.role, acts) == (Role.PRIM, [])
+    assert (s.role, acts) == (Role.PRIM, [Action.ANNOUNCE_VIP])
     s, acts = run(s, Event(Ev.TICK, 129), p=p)
     assert (s.role, acts) == (Role.PRIM, [])
     s, acts = run(s, Event(Ev.TICK, 130), p=p)
@@ -225,7 +226,7 @@ def test_split_brain_the_non_designated_node_gives_way() -> None:
     loser, acts = run(State(role=Role.ALONE), e, p=replace(P, designated=False))
     assert loser.role is Role.WAIT and Action.FENCE in acts
     winner, acts = run(State(role=Role.ALONE), e)
-    assert winner.role is Role.ALONE and not acts
+    assert winner.role is Role.ALONE and acts == [Action.ANNOUNCE_VIP]
 
 
 def test_with_an_arbiter_the_lease_holder_keeps_the_role() -> None:
@@ -234,7 +235,19 @@ def test_with_an_arbiter_the_lease_holder_keeps_the_role() -> None:
     e = Event(Ev.PEER, 1, peer_alive=True, peer_role=Role.PRIM)
     p = replace(P, arbitrated=True, designated=False)
     holder, acts = run(State(role=Role.ALONE), e, p=p)
-    assert holder.role is Role.ALONE and not acts
+    assert holder.role is Role.ALONE and acts == [Action.ANNOUNCE_VIP]
+
+
+def test_primary_reannounces_the_vip_when_the_peer_returns_or_gives_up() -> None:
+    """Regression (e2e SIGSTOP): a frozen peer's kernel kept answering ARP for the VIP."""
+    p = replace(P, arbitrated=True)
+    s = State(role=Role.ALONE)
+    s, acts = run(s, Event(Ev.PEER, 1, peer_alive=True, peer_role=Role.PRIM), p=p)
+    assert acts == [Action.ANNOUNCE_VIP]
+    s, acts = run(s, Event(Ev.PEER, 2, peer_role=Role.WAIT), p=p)
+    assert acts == [Action.ANNOUNCE_VIP]
+    s, acts = run(s, Event(Ev.PEER, 3, peer_role=Role.SECOND, peer_in_sync=True), p=p)
+    assert acts == [] and s.role is Role.PRIM
 
 
 def test_resource_down_stops_and_waits_then_recovers() -> None:

@@ -61,6 +61,7 @@ class Action(StrEnum):
     RELEASE_LEASE = "release-lease"
     ADD_VIP = "add-vip"
     DEL_VIP = "del-vip"
+    ANNOUNCE_VIP = "announce-vip"  # gratuitous ARP again: the peer may have answered for it
     START_PAYLOAD = "start-payload"
     STOP_PAYLOAD = "stop-payload"  # graceful, then forced after the timeouts
     FENCE = "fence"  # forced stop now: kill/destroy, no graceful phase
@@ -169,6 +170,11 @@ def step(s: State, e: Event, p: Policy) -> Result:
         # No longer asking: cancel the request, and hand back a grant that may arrive late,
         # or the witness would refuse the real primary's next renewal.
         actions = [*actions, Action.RELEASE_LEASE]
+    peer_back = not s.peer_alive and t.peer_alive
+    peer_gave_up = (s.peer_role is not None and s.peer_role.primary
+                    and not (t.peer_role is not None and t.peer_role.primary))
+    if t.role.primary and s.role.primary and (peer_back or peer_gave_up):
+        actions = [*actions, Action.ANNOUNCE_VIP]
     return t, actions
 
 

@@ -60,9 +60,15 @@ class AnnouncedVip:
         self._repeats: asyncio.Task[None] | None = None
 
     async def add(self) -> None:
+        await self.vip.add(announce=False)
+        await self.announce()
+
+    async def announce(self) -> None:
+        """One gratuitous ARP now, the repeats in the background."""
         from hvha.drivers import garp
 
-        await self.vip.add(announce=False)
+        if self._repeats is not None:
+            self._repeats.cancel()
         ifname = await self.vip.resolve_interface()
         try:
             await garp.announce(ifname, self.vip.ip, count=1)

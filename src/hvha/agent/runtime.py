@@ -30,6 +30,7 @@ class Payload(Protocol):
 
 class VipPort(Protocol):
     async def add(self) -> None: ...
+    async def announce(self) -> None: ...
     async def remove(self) -> None: ...
     async def present(self) -> bool: ...
 
@@ -170,6 +171,8 @@ class ModuleRuntime:
             await self.vip.add()
         elif action is Action.DEL_VIP and self.vip is not None:
             await self.vip.remove()
+        elif action is Action.ANNOUNCE_VIP and self.vip is not None:
+            await self.vip.announce()
         elif action is Action.START_PAYLOAD:
             await self._start_payload()
         elif action in (Action.STOP_PAYLOAD, Action.FENCE):
