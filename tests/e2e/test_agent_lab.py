@@ -229,3 +229,30 @@ def test_forged_and_replayed_heartbeats_are_dropped(cluster: ClusterLab) -> None
     replays = lambda c: c["dropped_replay"] + c["dropped_duplicate"]  # noqa: E731
     assert replays(c1) >= replays(c0) + 5
     assert cluster.role("node1") == "PRIM" and cluster.role("node2") == "SECOND"
+
+
+def test_agent_sigterm_hands_the_module_over(cluster: ClusterLab) -> None:
+    """An agent that is told to stop never leaves a payload or VIP nothing would fence."""
+    cluster.signal("node1", signal.SIGTERM)
+    cluster.wait_for("node2 serving", lambda: cluster.client_get() == "node2", DEADLINE)
+    assert cluster.procs["node1"].wait(timeout=15) == 0
+    assert cluster.vip_holders() == {"node2"}
+    assert not (cluster.work / "run" / "node1.pid").exists(), "node1's app still runs"
+    assert cluster.dual_primary_samples() == []
+
+
+def test_isolated_primary_fences_itself_while_the_peer_takes_over(cluster: ClusterLab) -> None:
+    """Fault 8: the primary loses peer and witness (its links are down) but keeps running."""
+    for net in ("lan", "repl"):
+        cluster.lab.set_link("node1", net, False)
+    try:
+        cluster.wait_for("node1 drops the VIP (self-fencing)",
+                         lambda: "node1" not in cluster.vip_holders(), T + 3)
+        cluster.wait_for("node2 serving", lambda: cluster.client_get() == "node2", DEADLINE)
+        assert cluster.role("node1") == "WAIT"
+        assert not (cluster.work / "run" / "node1.pid").exists(), "node1's app still runs"
+    finally:
+        for net in ("lan", "repl"):
+            cluster.lab.set_link("node1", net, True)
+    cluster.wait_for("node1 back as SECOND", lambda: cluster.role("node1") == "SECOND", 20)
+    assert cluster.dual_primary_samples() == []

@@ -137,6 +137,7 @@ class Agent:
         log.info("agent %s up: %d modules, peer %s", self.node, len(self.modules), self.peer)
         try:
             await stop.wait()
+            await self._hand_over()
         finally:
             log.info("agent %s stopping", self.node)
             for task in self._tasks:
@@ -149,6 +150,24 @@ class Agent:
             await self.heartbeat.stop()
             for runtime in self.modules.values():
                 await runtime.close()
+
+    async def _hand_over(self) -> None:
+        """Orderly shutdown: stop every module here (payload, VIP, lease) and let the peer hear
+        it, so the peer takes over at once instead of after the heartbeat timeout. An agent
+        never exits leaving a payload or VIP that nothing would fence."""
+        for task in self._tasks:
+            task.cancel()
+        for runtime in self.modules.values():
+            runtime.post(Ev.CMD_STOP)
+        budget = max((m["stop"]["graceful_timeout"] + m["stop"]["forced_timeout"]
+                      for m in self.config["modules"]), default=0.0) + 5
+        try:
+            await asyncio.wait_for(asyncio.gather(*(r.settle() for r in self.modules.values())),
+                                   timeout=budget)
+        except TimeoutError:
+            log.error("modules did not stop within %.0fs", budget)
+        await self.leases.round()  # send the releases now
+        await asyncio.sleep(2 * self.interval)  # the peer hears STOP before we go silent
 
     def stopped_marker(self, module: str) -> Path:
         return self.state_dir / "modules" / module / "stopped"
