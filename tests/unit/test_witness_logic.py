@@ -36,10 +36,9 @@ from hvha.agent.witness_client import (
     LeaseView,
     PingWitness,
     WitnessClient,
-    echo_request,
-    is_echo_reply,
     lease_valid_until,
 )
+from hvha.drivers.icmp import echo_request, is_echo_reply
 
 L = 1.0  # lease; margin 0.2, grace 1.2
 NONCE = "0123456789abcdef" * 2

@@ -29,14 +29,13 @@ import contextlib
 import logging
 import os
 import re
-import socket
-import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hvha.drivers import icmp
 from hvha.drivers.base import Driver
 from hvha.drivers.scripts import KILL_GRACE, run_script
 
@@ -140,66 +139,9 @@ async def tcp_connect(host: str, port: int, timeout: float) -> tuple[bool, str]:
     return True, f"{host}:{port}: connected"
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    total = (total >> 16) + (total & 0xFFFF)
-    total += total >> 16
-    return ~total & 0xFFFF
-
-
-def _icmp_socket() -> tuple[socket.socket, bool]:
-    """A non-blocking ICMP socket and whether it is raw (replies then carry the IP header)."""
-    try:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
-        raw = False
-    except OSError as first:
-        try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-            raw = True
-        except OSError:
-            raise OSError(first.errno, f"no ICMP socket ({first.strerror}): allow this group "
-                          "in net.ipv4.ping_group_range, or run as root") from first
-    sock.setblocking(False)
-    return sock, raw
-
-
-_seq = 0
-
-
 async def icmp_ping(host: str, timeout: float) -> float:
-    """Round-trip time in seconds of one ICMP echo to ``host`` (IPv4).
-
-    Raises TimeoutError without an answer in ``timeout`` s, OSError if it cannot be sent."""
-    global _seq
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, None, family=socket.AF_INET, type=socket.SOCK_DGRAM)
-    addr = str(infos[0][4][0])
-    _seq = (_seq + 1) & 0xFFFF
-    ident, seq, token = os.getpid() & 0xFFFF, _seq, b"hvha" + os.urandom(12)
-    header = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
-    packet = struct.pack("!BBHHH", 8, 0, _checksum(header + token), ident, seq) + token
-    sock, raw = _icmp_socket()
-    with sock:
-        sent = loop.time()
-        await loop.sock_sendto(sock, packet, (addr, 0))
-        deadline = sent + timeout
-        while True:
-            left = deadline - loop.time()
-            if left <= 0:
-                raise TimeoutError(f"no echo reply from {addr} within {timeout:g}s")
-            async with asyncio.timeout(left):
-                data, src = await loop.sock_recvfrom(sock, 4096)
-            if raw:
-                if src[0] != addr or not data:
-                    continue
-                data = data[(data[0] & 0x0F) * 4:]
-            if len(data) < 8:
-                continue
-            kind, _, _, rid, rseq = struct.unpack("!BBHHH", data[:8])
-            if kind == 0 and rseq == seq and data[8:] == token and (not raw or rid == ident):
-                return loop.time() - sent
+    """Round-trip time of one ICMP echo (see :mod:`hvha.drivers.icmp`)."""
+    return await icmp.ping(host, timeout)
 
 
 def interface_state(ifname: str) -> tuple[bool, str]:

@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import socket
-import struct
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ from hvha.agent.witness import (
     split_claims,
     valid_name,
 )
+from hvha.drivers import icmp
 
 log = logging.getLogger(__name__)
 
@@ -279,45 +279,6 @@ class WitnessClient:
 
 # -- ping witness ------------------------------------------------------------------------
 
-# family -> (echo request type, echo reply type, protocol)
-_ECHO = {
-    socket.AF_INET: (8, 0, socket.IPPROTO_ICMP),
-    socket.AF_INET6: (128, 129, socket.IPPROTO_ICMPV6),
-}
-
-
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    total = (total >> 16) + (total & 0xFFFF)
-    total += total >> 16
-    return ~total & 0xFFFF
-
-
-def echo_request(family: socket.AddressFamily, ident: int, seq: int, token: bytes) -> bytes:
-    kind = _ECHO[family][0]
-    header = struct.pack("!BBHHH", kind, 0, 0, ident, seq)
-    checksum = _checksum(header + token) if family == socket.AF_INET else 0  # kernel does v6
-    return struct.pack("!BBHHH", kind, 0, checksum, ident, seq) + token
-
-
-def is_echo_reply(
-    family: socket.AddressFamily, data: bytes, token: bytes, ident: int | None, raw: bool
-) -> bool:
-    """Whether ``data`` (as read from an ICMP socket) answers our echo carrying ``token``.
-    Raw IPv4 sockets return the IP header too; datagram sockets rewrite the id (ident=None)."""
-    if raw and family == socket.AF_INET:
-        if not data or data[0] >> 4 != 4:
-            return False
-        data = data[(data[0] & 0x0F) * 4 :]
-    if len(data) < 8:
-        return False
-    kind, _code, _sum, got_ident, _seq = struct.unpack_from("!BBHHH", data)
-    return (kind == _ECHO[family][1] and data[8:] == token
-            and (ident is None or got_ident == ident))
-
-
 class PingWitness:
     """Weaker witness (SafeKit parity): reachable when ANY target answers an ICMP echo.
 
@@ -350,18 +311,13 @@ class PingWitness:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def _open(self, family: socket.AddressFamily) -> tuple[socket.socket, bool] | None:
-        proto = _ECHO[family][2]
-        errors = []
-        for kind, raw in ((socket.SOCK_DGRAM, False), (socket.SOCK_RAW, True)):
-            try:
-                return socket.socket(family, kind, proto), raw
-            except OSError as exc:
-                errors.append(str(exc))
-        if not self._warned:
-            self._warned = True
-            log.warning("ping witness: no ICMP socket (allow the group in "
-                        "net.ipv4.ping_group_range, or run as root): %s", "; ".join(errors))
-        return None
+        try:
+            return icmp.open_socket(family)
+        except OSError as exc:
+            if not self._warned:
+                self._warned = True
+                log.warning("ping witness: %s", exc)
+            return None
 
     async def _ping(self, family: socket.AddressFamily, targets: list[str]) -> bool:
         opened = self._open(family)
@@ -376,7 +332,7 @@ class PingWitness:
             sent = 0
             for seq, target in enumerate(targets, 1):
                 try:
-                    sock.sendto(echo_request(family, ident, seq, token), (target, 0))
+                    sock.sendto(icmp.echo_request(family, ident, seq, token), (target, 0))
                     sent += 1
                 except OSError:  # ENETUNREACH...: try the other targets
                     self.send_errors += 1
@@ -390,7 +346,7 @@ class PingWitness:
                     except OSError:
                         await asyncio.sleep(0.01)
                         continue
-                    if _ip(addr[0]) in wanted and is_echo_reply(
+                    if _ip(addr[0]) in wanted and icmp.is_echo_reply(
                         family, data, token, ident if raw else None, raw
                     ):
                         self.replies += 1
