@@ -32,7 +32,7 @@ from hvha.agent.frames import (
     derive_key,
     encode,
 )
-from hvha.agent.heartbeat import next_incarnation
+from hvha.agent.incarnation import next_incarnation
 
 KEY = derive_key(b"correct horse battery staple", HEARTBEAT_KEY_PURPOSE)
 CID = cluster_id("lab")

@@ -11,9 +11,8 @@ from hvha.agent.heartbeat import (
     HeartbeatConfig,
     HeartbeatNetwork,
     HeartbeatService,
-    LinkState,
-    Liveness,
 )
+from hvha.agent.liveness import LinkState, Liveness
 
 
 class FakeClock:

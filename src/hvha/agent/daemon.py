@@ -22,8 +22,8 @@ from hvha.agent.heartbeat import (
     HeartbeatConfig,
     HeartbeatNetwork,
     HeartbeatService,
-    next_incarnation,
 )
+from hvha.agent.incarnation import next_incarnation
 from hvha.agent.leases import LeaseManager, NoWitness, WitnessPort
 from hvha.agent.runtime import ModuleRuntime
 

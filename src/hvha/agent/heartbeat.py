@@ -15,17 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import ipaddress
 import logging
 import math
-import os
 import socket
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple
 
 from hvha.agent.frames import (
@@ -41,11 +37,11 @@ from hvha.agent.frames import (
     decode,
     encode,
 )
+from hvha.agent.liveness import LinkState, Liveness
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
-INCARNATION_FILE = "incarnation"
 _RECV_BUFFER = 65535
 _DROP_COUNTER = {
     "too_short": "dropped_malformed",
@@ -55,45 +51,6 @@ _DROP_COUNTER = {
     "wrong_cluster": "dropped_wrong_cluster",
     "bad_mac": "dropped_bad_mac",
 }
-
-
-def next_incarnation(state_dir: Path) -> int:
-    """Bump and persist this node's incarnation counter; returns the new value (first is 1).
-
-    Peers reject frames of an older incarnation as replays, so the counter must only grow:
-    it lives in a file (wall clocks are not trusted), written to a 0600 temp file, fsynced and
-    renamed over the old one, then the directory is fsynced. A corrupt file raises ValueError
-    instead of restarting at 1, which would make the peer drop all our frames.
-    """
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = state_dir / INCARNATION_FILE
-    try:
-        raw = path.read_bytes().strip()
-    except FileNotFoundError:
-        current = 0
-    else:
-        if not raw.isdigit() or int(raw) >= U64_MAX:
-            raise ValueError(f"{path}: corrupt incarnation counter {raw[:32]!r}; fix it by hand")
-        current = int(raw)
-    value = current + 1
-    fd, tmp = tempfile.mkstemp(prefix=f".{INCARNATION_FILE}.", dir=state_dir)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o600)
-            handle.write(b"%d\n" % value)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return value
 
 
 class HeartbeatNetwork(NamedTuple):
@@ -160,68 +117,6 @@ def _check_addresses(net: HeartbeatNetwork) -> None:
         raise ValueError(f"heartbeat network {net.name!r}: local and peer address are equal")
     if peer.is_unspecified or peer.is_multicast or local.is_multicast:
         raise ValueError(f"heartbeat network {net.name!r}: peer must be a unicast address")
-
-
-class LinkState(enum.Enum):
-    UP = "up"
-    DOWN = "down"
-
-
-class Liveness:
-    """When the peer was last heard on each network, and whether it counts as alive.
-
-    The peer is alive while at least one network carried an authentic fresh frame less than
-    ``timeout`` seconds ago. A peer never heard is NOT alive: startup grace belongs to the
-    agent's WAIT state, not here. Times come from the injected monotonic clock (or ``now``).
-    """
-
-    def __init__(
-        self, networks: Iterable[str], timeout: float, clock: Clock = time.monotonic
-    ) -> None:
-        self._timeout = timeout
-        self._clock = clock
-        self._last: dict[str, float | None] = dict.fromkeys(networks)
-        if not self._last:
-            raise ValueError("Liveness needs at least one network")
-
-    @property
-    def timeout(self) -> float:
-        return self._timeout
-
-    @property
-    def networks(self) -> tuple[str, ...]:
-        return tuple(self._last)
-
-    def _now(self, now: float | None) -> float:
-        return self._clock() if now is None else now
-
-    def heard(self, network: str, now: float | None = None) -> None:
-        last = self._last[network]  # KeyError for an unknown network: a caller bug
-        t = self._now(now)
-        if last is None or t > last:
-            self._last[network] = t
-
-    def age(self, network: str, now: float | None = None) -> float | None:
-        """Seconds since ``network`` last carried the peer, None if it never did."""
-        last = self._last[network]
-        return None if last is None else max(0.0, self._now(now) - last)
-
-    def state(self, network: str, now: float | None = None) -> LinkState:
-        age = self.age(network, now)
-        return LinkState.UP if age is not None and age < self._timeout else LinkState.DOWN
-
-    def last_heard(self) -> float | None:
-        """Clock time of the latest frame on any network, None if the peer was never heard."""
-        heard = [t for t in self._last.values() if t is not None]
-        return max(heard) if heard else None
-
-    def peer_alive(self, now: float | None = None) -> bool:
-        last = self.last_heard()
-        return last is not None and self._now(now) - last < self._timeout
-
-    def snapshot(self, now: float | None = None) -> dict[str, dict[str, Any]]:
-        t = self._now(now)
-        return {n: {"state": self.state(n, t).value, "age": self.age(n, t)} for n in self._last}
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hvha.agent.fsm import Ev
-from hvha.agent.heartbeat import next_incarnation
+from hvha.agent.incarnation import next_incarnation
 from hvha.agent.leases import NoWitness, PingWitness, Verdict, WitnessPort, WitnessUnreachableError
 from hvha.agent.runtime import NoReplication, Replicator
 from hvha.agent.witness_client import WitnessClient, WitnessUnreachable

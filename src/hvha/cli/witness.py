@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hvha.agent.heartbeat import next_incarnation
+from hvha.agent.incarnation import next_incarnation
 from hvha.agent.witness import DEFAULT_PORT, MAX_LEASE, Arbiter, WitnessServer
 from hvha.cli.main import UserError
 from hvha.model.units import parse_duration
