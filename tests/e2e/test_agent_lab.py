@@ -256,3 +256,16 @@ def test_isolated_primary_fences_itself_while_the_peer_takes_over(cluster: Clust
             cluster.lab.set_link("node1", net, True)
     cluster.wait_for("node1 back as SECOND", lambda: cluster.role("node1") == "SECOND", 20)
     assert cluster.dual_primary_samples() == []
+
+
+def test_kill_9_of_the_agent_alone_fences_its_app(cluster: ClusterLab) -> None:
+    """The app survives its agent's death only for milliseconds: the guard fences it, so the
+    peer's takeover never overlaps it (two apps would otherwise run)."""
+    killed = time.monotonic()
+    cluster.procs["node1"].kill()
+    cluster.wait_for("node1's app stopped and VIP gone",
+                     lambda: not (cluster.work / "run" / "node1.pid").exists()
+                     and "node1" not in cluster.vip_holders(), 3)
+    assert time.monotonic() - killed < T, "fenced before the peer could take over"
+    cluster.wait_for("node2 serving", lambda: cluster.client_get() == "node2", DEADLINE)
+    assert cluster.dual_primary_samples() == []

@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -70,8 +72,49 @@ class Agent:
                 restart_window=f["restart_window"])
             payload, vip, checkers, replicator = ports.build(m, self)
             self.modules[m["name"]] = ModuleRuntime(m["name"], policy, payload, vip, checkers,
-                                                    replicator, self.leases)
+                                                    replicator, self.leases, guard=self._guard)
         self._tasks: list[asyncio.Task[None]] = []
+        self._guard_proc: subprocess.Popen[bytes] | None = None
+        self._armed: set[str] = set()
+
+    # -- the dead-agent guard (agent/guard.py) --------------------------------------------
+    def _start_guard(self) -> None:
+        self._guard_proc = subprocess.Popen(
+            [sys.executable, "-m", "hvha.agent.guard", str(self.root)], stdin=subprocess.PIPE,
+            start_new_session=True)
+
+    def _guard(self, module: str, armed: bool) -> None:
+        if (module in self._armed) == armed or self._guard_proc is None:
+            return
+        (self._armed.add if armed else self._armed.discard)(module)
+        if not self._tell_guard(f"{'arm' if armed else 'disarm'} {module}"):
+            log.error("the dead-agent guard is gone: restarting it")
+            self._start_guard()
+            for name in sorted(self._armed):
+                self._tell_guard(f"arm {name}")
+
+    def _tell_guard(self, line: str) -> bool:
+        stdin = self._guard_proc.stdin if self._guard_proc is not None else None
+        try:
+            assert stdin is not None
+            stdin.write(line.encode() + b"\n")
+            stdin.flush()
+        except OSError:
+            return False
+        return True
+
+    def _stop_guard(self) -> None:
+        proc = self._guard_proc
+        if proc is None or proc.stdin is None:
+            return
+        with contextlib.suppress(OSError):
+            proc.stdin.write(b"exit\n")
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
     # -- Poster, for the lease manager ---------------------------------------------------
     def post_to(self, module: str, kind: Ev, **fields: Any) -> None:
@@ -126,6 +169,7 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         from hvha.agent.control import ControlServer  # the socket server is an edge
 
+        self._start_guard()
         for runtime in self.modules.values():
             runtime.start()
         await self.heartbeat.start()
@@ -150,6 +194,7 @@ class Agent:
             await self.heartbeat.stop()
             for runtime in self.modules.values():
                 await runtime.close()
+            self._stop_guard()
 
     async def _hand_over(self) -> None:
         """Orderly shutdown: stop every module here (payload, VIP, lease) and let the peer hear

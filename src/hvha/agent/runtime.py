@@ -91,7 +91,8 @@ class ModuleRuntime:
     def __init__(self, name: str, policy: Policy, payload: Payload, vip: VipPort | None,
                  checkers: CheckerPort | None, replicator: Replicator, leases: LeasePort,
                  clock: Callable[[], float] = time.monotonic,
-                 on_change: Callable[[ModuleRuntime], None] | None = None) -> None:
+                 on_change: Callable[[ModuleRuntime], None] | None = None,
+                 guard: Callable[[str, bool], None] | None = None) -> None:
         self.name = name
         self.policy = policy
         self.payload = payload
@@ -101,6 +102,7 @@ class ModuleRuntime:
         self.leases = leases
         self.clock = clock
         self.on_change = on_change
+        self.guard = guard  # told before a payload may run and after it surely stopped
         self.state = State(data_ok=replicator.data_ok())
         self.history: deque[Transition] = deque(maxlen=20)
         self.errors = 0
@@ -151,8 +153,12 @@ class ModuleRuntime:
                     self.state.reason)
             if self.on_change is not None:
                 self.on_change(self)
+        if self.guard is not None and self.state.role.primary:
+            self.guard(self.name, True)
         for action in actions:
             await self._do(action)
+        if self.guard is not None and not self.state.role.primary:
+            self.guard(self.name, False)
 
     # -- actions -------------------------------------------------------------------------
     async def _do(self, action: Action) -> None:
