@@ -288,11 +288,9 @@ def test_any_facts_document_plans_without_a_traceback(one: dict[str, Any],
     assert Plan.from_json(text).to_json() == text  # NaN != NaN: compare the serialisations
 
 
-def test_a_comment_edit_changes_the_bundle_and_says_so() -> None:
-    """agent.json carries the source file's sha256, so any edit changes every bundle's hash."""
+def test_a_comment_edit_changes_nothing() -> None:
+    """Bundles carry effective values only: editing a comment must not restart anything."""
     edited = compile_lab([["# The two-node lab", "# The 2-node lab"]])
     p = plan(edited, _running(compile_lab()))
-    bundle = _by_address(p, "node1")["node/node1/bundle"]
-    assert bundle.reason.endswith(": cluster file edited, no effective change")
-    assert [c.address for c in p.for_node("node1")] == ["node/node1/bundle",
-                                                        "node/node1/service"]
+    assert p.changes == () or not [c for c in p.changes if c.action.value != "noop"]
+    assert p.summary_line() == "No changes."

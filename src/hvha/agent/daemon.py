@@ -254,10 +254,14 @@ class Agent:
             for runtime in self.modules.values():
                 runtime.post(Ev.TICK)
 
+    def bundle_hash(self) -> str | None:
+        path = self.root / "BUNDLE_HASH"
+        return path.read_text().strip() if path.exists() else None
+
     def status(self) -> dict[str, Any]:
         return {
             "node": self.node, "peer": self.peer, "cluster": self.config["cluster"]["name"],
-            "bundle": self.config.get("source_sha256"), "started": self.wall_started,
+            "bundle": self.bundle_hash(), "started": self.wall_started,
             "peer_alive": self.heartbeat.peer_alive(), "heartbeat": self.heartbeat.status(),
             "witness": {"mode": self.config["witness"]["kind"],
                         "reachable": self.leases.unreachable_since is None,

@@ -88,15 +88,15 @@ def _module_dict(cluster: Cluster, m: Module, node: Node, rank: int) -> dict[str
     }
 
 
-def agent_config(cluster: Cluster, node: Node, source_sha256: str,
-                 graph: nx.DiGraph | None = None) -> dict[str, Any]:
+def agent_config(cluster: Cluster, node: Node, graph: nx.DiGraph | None = None) -> dict[str, Any]:
+    """What the agent runs: effective values only, so an edit that changes nothing (a comment,
+    key order) leaves the bundle and its hash unchanged and `hvha plan` shows no change."""
     graph = build_graph(cluster) if graph is None else graph
     ranks = {name: i for i, name in enumerate(module_order(graph))}
     by_name = {m.name: m for m in cluster.modules}
     return {
         "format": BUNDLE_FORMAT,
         "hvha_version": __version__,
-        "source_sha256": source_sha256,
         "cluster": {"name": cluster.name, "secret": asdict(cluster.secret)},
         "node": _node_dict(node),
         "peer": _node_dict(cluster.peer_of(node.name)),
@@ -110,9 +110,8 @@ def agent_config(cluster: Cluster, node: Node, source_sha256: str,
     }
 
 
-def build_bundle(cluster: Cluster, node: Node, source_sha256: str,
-                 graph: nx.DiGraph | None = None) -> Bundle:
-    config = agent_config(cluster, node, source_sha256, graph)
+def build_bundle(cluster: Cluster, node: Node, graph: nx.DiGraph | None = None) -> Bundle:
+    config = agent_config(cluster, node, graph)
     files: dict[str, tuple[bytes, int]] = {CONFIG_FILE: (_canonical(config), 0o600)}
     for m in cluster.modules:
         for name, (text, mode) in render_module(cluster, m, node).items():
@@ -125,10 +124,11 @@ def build_bundle(cluster: Cluster, node: Node, source_sha256: str,
     return Bundle(node.name, files, digest)
 
 
-def build_bundles(cluster: Cluster, source: bytes) -> list[Bundle]:
-    sha = hashlib.sha256(source).hexdigest()
+def build_bundles(cluster: Cluster, source: bytes = b"") -> list[Bundle]:
+    """One bundle per node. ``source`` (the cluster file) is accepted for callers' symmetry but
+    not embedded: bundles depend on the effective configuration only."""
     graph = build_graph(cluster)
-    return [build_bundle(cluster, node, sha, graph) for node in cluster.nodes]
+    return [build_bundle(cluster, node, graph) for node in cluster.nodes]
 
 
 def archive(bundle: Bundle) -> bytes:
