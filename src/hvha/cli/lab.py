@@ -22,6 +22,7 @@ from rich.table import Table
 
 from hvha.cli.main import UserError
 from hvha.lab import LAN, REPL, Lab, LabError
+from hvha.lab import sshd as lab_sshd
 
 EXIT_NOT_UP = 2
 MAX_PROBLEMS = 6
@@ -51,6 +52,9 @@ def register(sub: Any) -> None:
                     help="lan subnet (default: recorded in lab.json, else 10.77.0.0/24)")
     up.add_argument("--repl-subnet", default=None, metavar="CIDR",
                     help="repl subnet (default: recorded in lab.json, else 10.78.0.0/24)")
+    up.add_argument("--no-sshd", action="store_true",
+                    help="do not start an sshd in each node (default: start one, for the "
+                    "SSH transport; needs openssh-server)")
     up.add_argument("-v", "--verbose", action="store_true", help="print every ip command run")
     up.set_defaults(func=_guard(_cmd_up))
 
@@ -100,18 +104,24 @@ def _open(args: argparse.Namespace) -> Lab:
 
 def _cmd_up(args: argparse.Namespace) -> int:
     lab = _open(args)
-    cmds = lab.up()
+    cmds = lab.up(sshd=not args.no_sshd)
     if args.verbose:
         for c in cmds:
             print(f"  {shlex.join(c.argv)}    # {c.reason}")
-    what = f"built or repaired with {len(cmds)} changes" if cmds else "already complete"
+    net = [c for c in cmds if c.argv[0] == "ip"]
+    what = f"built or repaired with {len(net)} changes" if net else "already complete"
     print(f"lab {lab.name!r} is up ({what}); state in {lab.state_path}")
+    for c in cmds[len(net):]:
+        print(f"  {c.reason}")
     print(f"  lan {lab.topology.network(LAN).subnet}: node1 {lab.address('node1')}, "
           f"node2 {lab.address('node2')}, witness {lab.address('witness')}, "
           f"client {lab.address('client')}, VIP {lab.vip.ip}")
     print(f"  repl {lab.topology.network(REPL).subnet}: node1 {lab.address('node1', REPL)}, "
           f"node2 {lab.address('node2', REPL)}")
     print(f"  run inside a host with: ip netns exec {lab.ns_name('node1')} COMMAND")
+    if not args.no_sshd:
+        print(f"  ssh: ssh -i {lab_sshd.admin_key(lab.topology)} -o UserKnownHostsFile="
+              f"{lab_sshd.known_hosts(lab.topology)} root@{lab.address('node1')}")
     return 0
 
 
@@ -157,7 +167,7 @@ def _render(st: dict[str, Any]) -> None:
         console.print(f"  nothing exists; create it with `hvha lab up --name {st['name']}`")
         return
     table = Table(box=None, pad_edge=False)
-    for col in ("host", "namespace", "lan (eth0)", "repl (eth1)", "pids", "ping"):
+    for col in ("host", "namespace", "lan (eth0)", "repl (eth1)", "pids", "ping", "sshd"):
         table.add_column(col, no_wrap=True)
     for role, h in st["hosts"].items():
         ifaces = h["interfaces"]
@@ -168,6 +178,7 @@ def _render(st: dict[str, Any]) -> None:
             _link(ifaces[REPL]) if REPL in ifaces else "",
             str(h["pids"]),
             _mark(h["ping"], "ok", "fail"),
+            _mark(h.get("sshd"), "up", "down"),
         )
     console.print(table)
     bridges = ", ".join(

@@ -18,6 +18,7 @@ Python API (all of it needs root)::
 
     lab = Lab.open("hvt1", root=tmp_path)      # or Lab(default_topology(...))
     lab.up()                                   # idempotent; repairs a half-built lab
+    lab.up(sshd=True)                          # also an sshd per node (hvha.lab.sshd)
     proc = lab.exec("node1", ["hvha", "agent"], stdout=PIPE)
     lab.ping("client", "node1")                # -> bool
     lab.set_link("node2", "repl", up=False)    # pull node2's replication cable
@@ -47,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from hvha.lab import netns
+from hvha.lab import sshd as lab_sshd
 from hvha.lab.netns import LabError
 from hvha.lab.topology import (
     DEFAULT_LAN,
@@ -174,13 +176,18 @@ class Lab:
         netns.check_environment()
         return netns.observe(self.topology)
 
-    def up(self) -> list[Command]:
+    def up(self, *, sshd: bool = False) -> list[Command]:
         """Create or repair the lab; return the commands that were needed (none if complete).
 
-        Refuses (LabError) if the lan subnet is already used on this machine, or if ``root``
-        is a non-empty directory that is not this lab's.
+        ``sshd`` also starts an OpenSSH server in each node (see :mod:`hvha.lab.sshd`; the
+        admin key is ``<root>/id_ed25519``, host keys in ``<root>/known_hosts``); a healthy
+        one is left running. Off by default so a bare lab keeps only the processes a test
+        starts. Refuses (LabError) if the lan subnet is already used on this machine, if
+        ``root`` is a non-empty directory that is not this lab's, or if sshd is not installed.
         """
         netns.check_environment()
+        if sshd:
+            lab_sshd.check_installed()
         obs = netns.observe(self.topology)
         recorded = _read_state(self.state_path)
         if (recorded.get("name") == self.name and leftovers(self.topology, obs)
@@ -203,13 +210,14 @@ class Lab:
             raise LabError(
                 "the lab is still incomplete after `up`: " + "; ".join(c.reason for c in missing)
             )
-        return cmds
+        return (cmds + lab_sshd.ensure(self.topology)) if sshd else cmds
 
     def down(self, *, purge: bool = False, grace: float = 2.0) -> list[Command]:
         """Stop every process in the lab namespaces (SIGTERM, SIGKILL after ``grace`` s), then
         delete the veths, bridges and namespaces. ``purge`` also deletes the directory tree and
         lab.json. Succeeds when nothing exists. Returns the commands run."""
         netns.check_environment()
+        lab_sshd.stop_all(self.topology, grace)  # by pid file: also in a namespace deleted under it
         obs = netns.observe(self.topology)
         for ns in self.topology.namespaces:
             if ns in obs.namespaces:
@@ -282,6 +290,7 @@ class Lab:
              "vip", "problems": [str],
              "bridges": {net: {"name", "present", "up", "address"}},
              "hosts": {role: {"namespace", "present", "pids", "ping": bool | None,
+                              "sshd": bool | None (None: witness, client),
                               "interfaces": {net: {"ifname", "address", "root_veth",
                                                    "present", "link_up"}}}}}
 
@@ -324,6 +333,7 @@ class Lab:
                 "pids": len(netns.ns_pids(h.namespace)) if h.namespace in obs.namespaces else 0,
                 "interfaces": ifaces,
                 "ping": None,
+                "sshd": lab_sshd.is_up(topo, h.role),
             }
         client = topo.ns_name("client")
         if ping and client in obs.namespaces:
@@ -370,6 +380,7 @@ class Lab:
         root, state = self.topology.root, self.topology.state_path
         if _read_state(state).get("name") != self.name:
             return  # not provably ours: leave it alone
+        lab_sshd.remove_files(self.topology)
         for role in DIR_ROLES:
             base = self.topology.dirs(role)["base"]
             if base.is_dir() and not base.is_symlink():
