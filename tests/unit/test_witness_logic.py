@@ -383,8 +383,8 @@ SECRET = b"correct horse battery staple"
 @pytest.mark.parametrize(
     ("mode", "content", "extra", "message"),
     [
-        (0o644, SECRET, [], "has mode 0644"),
-        (0o640, SECRET, [], "has mode 0640"),
+        (0o644, SECRET, [], "(mode 0644): run `chmod 600"),
+        (0o640, SECRET, [], "(mode 0640): run `chmod 600"),
         (0o600, b"\n", [], "is empty"),
         (0o600, SECRET, ["--lease", "5"], "not a duration"),
         (0o600, SECRET, ["--lease", "100ms"], "between 0.3s and 3600s"),
@@ -426,6 +426,6 @@ def test_cli_secret_sources(
     assert "HVHA_KEY is empty" in capsys.readouterr().err
     missing = tmp_path / "missing.key"
     assert run_cli(monkeypatch, "--cluster", "lab", "--secret-file", str(missing)) == 1
-    assert "cannot read the secret file" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
     assert run_cli(monkeypatch, "--cluster", "lab", "--secret-file", str(tmp_path)) == 1
-    assert "cannot read the secret file" in capsys.readouterr().err  # a directory
+    assert "not a regular file" in capsys.readouterr().err  # a directory

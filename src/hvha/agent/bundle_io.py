@@ -11,12 +11,12 @@ import hashlib
 import json
 import os
 import shutil
-import stat
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from hvha.compile.bundle import CONFIG_FILE, MANIFEST_FILE, read_archive
+from hvha.secrets import Ref, SecretError, cluster_key
 
 
 class BundleError(Exception):
@@ -62,20 +62,8 @@ def install_bundle(source: Path, state_dir: Path) -> tuple[Path, dict[str, Any]]
 
 
 def read_secret(ref: dict[str, str]) -> bytes:
-    """The cluster key from its reference; files must not be readable by others."""
-    if ref["source"] == "env":
-        value = os.environ.get(ref["ref"], "")
-        if not value:
-            raise BundleError(f"environment variable {ref['ref']} (the cluster secret) is empty")
-        return value.encode().rstrip(b"\r\n")
-    path = Path(ref["ref"]).expanduser()
+    """The cluster key from its reference (see :func:`hvha.secrets.cluster_key`)."""
     try:
-        st = path.stat()
-        data = path.read_bytes().rstrip(b"\r\n")  # as `hvha witness` reads it
-    except OSError as exc:
-        raise BundleError(f"cannot read the cluster secret {path}: {exc.strerror}") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise BundleError(f"{path} (the cluster secret) is readable by others: chmod 600 it")
-    if len(data) < 16:
-        raise BundleError(f"{path}: the cluster secret must be at least 16 bytes")
-    return data
+        return cluster_key(Ref(ref["source"], ref["ref"]))
+    except SecretError as exc:
+        raise BundleError(str(exc)) from None

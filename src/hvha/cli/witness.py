@@ -16,10 +16,8 @@ import argparse
 import asyncio
 import ipaddress
 import logging
-import os
 import re
 import signal
-import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from hvha.agent.incarnation import next_incarnation
 from hvha.agent.witness import DEFAULT_PORT, MAX_LEASE, Arbiter, WitnessServer
 from hvha.cli.main import UserError
 from hvha.model.units import parse_duration
+from hvha.secrets import Ref, SecretError, cluster_key
 
 log = logging.getLogger("hvha.witness")
 
@@ -60,39 +59,20 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_witness)
 
 
-def _strip(secret: bytes) -> bytes:
-    """The secret as nodes use it: trailing line ends removed (``echo key > file`` works)."""
-    return secret.rstrip(b"\r\n")
-
-
 def read_secret_file(path: str) -> bytes:
-    """The cluster secret in ``path``; UserError if unreadable, empty or not private."""
-    try:
-        with open(path, "rb") as handle:
-            info = os.fstat(handle.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise UserError(f"secret file {path} is not a regular file")
-            if info.st_mode & 0o077:
-                raise UserError(
-                    f"secret file {path} has mode {stat.S_IMODE(info.st_mode):04o}: others "
-                    f"could read the cluster secret; run `chmod 600 {path}`"
-                )
-            secret = _strip(handle.read())
-    except OSError as exc:
-        raise UserError(f"cannot read the secret file {path}: {exc.strerror or exc}") from None
-    if not secret:
-        raise UserError(f"secret file {path} is empty")
-    return secret
+    """The cluster secret in ``path``, read exactly as the agents read it."""
+    return _key(Ref("file", path))
 
 
 def read_secret_env(name: str) -> bytes:
-    value = os.environb.get(name.encode("utf-8", "surrogateescape"))
-    if value is None:
-        raise UserError(f"environment variable {name} is not set")
-    secret = _strip(value)
-    if not secret:
-        raise UserError(f"environment variable {name} is empty")
-    return secret
+    return _key(Ref("env", name))
+
+
+def _key(ref: Ref) -> bytes:
+    try:
+        return cluster_key(ref)
+    except SecretError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _options(args: argparse.Namespace) -> tuple[float, str]:

@@ -16,6 +16,7 @@ Errors a user can fix are :class:`TransportError` (its message says what to do);
 from __future__ import annotations
 
 from hvha.model.cluster import Node
+from hvha.secrets import Secret, SecretError, resolve
 from hvha.transport.base import (
     DEFAULT_TIMEOUT,
     CommandTimeout,
@@ -25,7 +26,6 @@ from hvha.transport.base import (
     TransportError,
 )
 from hvha.transport.local import LocalTransport
-from hvha.transport.secrets import Secret, SecretError, resolve
 
 __all__ = [
     "DEFAULT_TIMEOUT",

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import paramiko
 
-from hvha.transport import secrets as secret_refs
+from hvha import secrets as secret_refs
 from hvha.transport.base import (
     DEFAULT_TIMEOUT,
     ClosingMixin,

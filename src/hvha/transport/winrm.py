@@ -47,7 +47,7 @@ from winrm.exceptions import (
 )
 from winrm.protocol import Protocol
 
-from hvha.transport import secrets as secret_refs
+from hvha import secrets as secret_refs
 from hvha.transport.base import (
     DEFAULT_TIMEOUT,
     ClosingMixin,

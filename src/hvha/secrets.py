@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -100,10 +101,11 @@ def _read_file(path: Path) -> str:
             f"cannot open secret file {path} ({exc.strerror}): it must be a readable regular "
             "file, not a symlink"
         ) from None
+    st = os.fstat(fd)  # the file we read, not whatever the path names later
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise SecretError(f"secret file {path} is not a regular file")
     with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())  # the file we read, not whatever the path names later
-        if not stat.S_ISREG(st.st_mode):
-            raise SecretError(f"secret file {path} is not a regular file")
         if st.st_mode & 0o077:
             raise SecretError(
                 f"secret file {path} is readable or writable by group or others "
@@ -118,3 +120,23 @@ def _read_file(path: Path) -> str:
     if text.endswith("\r\n"):
         return text[:-2]
     return text[:-1] if text.endswith("\n") else text
+
+
+MIN_CLUSTER_KEY = 16
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A secret reference given on a command line (the model's SecretRef has the same shape)."""
+
+    source: str
+    ref: str
+
+
+def cluster_key(ref: SecretRefLike) -> bytes:
+    """The cluster key, read the same way by every agent and the witness (so HMAC keys match)."""
+    value = resolve(ref).encode()
+    if len(value) < MIN_CLUSTER_KEY:
+        raise SecretError(f"the cluster secret in {describe(ref)} is shorter than "
+                          f"{MIN_CLUSTER_KEY} bytes: generate one, e.g. `openssl rand -hex 32`")
+    return value
