@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hvha.cli.main import UserError
+from hvha.cli.errors import UserError
 
 DEFAULT_STATE = "/var/lib/hvha"
 COLOURS = {"STOP": "red", "WAIT": "dark_orange", "ALONE": "green", "PRIM": "green",

@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from hvha.cli.main import UserError
+from hvha.cli.errors import UserError
 from hvha.compile.bundle import build_bundles, write_bundles
 from hvha.compile.graph import GraphError, build_graph
 from hvha.compile.graph_formats import FORMATS, RENDERERS

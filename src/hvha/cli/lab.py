@@ -20,7 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from hvha.cli.main import UserError
+from hvha.cli.errors import UserError
 from hvha.lab import LAN, REPL, Lab, LabError
 from hvha.lab import sshd as lab_sshd
 

@@ -16,12 +16,11 @@ import traceback
 from collections.abc import Sequence
 
 from hvha import __version__
+from hvha.cli.errors import UserError
 
-COMMAND_MODULES = ("config_cmds", "lab", "agent_cmds", "witness")
+__all__ = ["UserError", "main"]
 
-
-class UserError(Exception):
-    """A mistake the user can fix; its message says how. Exit code 1."""
+COMMAND_MODULES = ("config_cmds", "plan_cmds", "lab", "agent_cmds", "witness")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -24,7 +24,7 @@ from typing import Any
 
 from hvha.agent.incarnation import next_incarnation
 from hvha.agent.witness import DEFAULT_PORT, MAX_LEASE, Arbiter, WitnessServer
-from hvha.cli.main import UserError
+from hvha.cli.errors import UserError
 from hvha.model.units import parse_duration
 from hvha.secrets import Ref, SecretError, cluster_key
 
