@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from hvha.model.roles import Role
+
 FACTS_FORMAT = 1
 DEFAULT_PREFIX = "/opt/hvha/venv"
 DEFAULT_STATE_DIR = "/var/lib/hvha"
@@ -108,20 +110,6 @@ class ServiceState(StrEnum):
     STOPPED = "stopped"
     FAILED = "failed"
     ABSENT = "absent"  # no unit and no pid file: the agent was never set up to run here
-
-
-class Role(StrEnum):
-    """The agent's module roles (``hvha.agent.fsm.Role``, restated: plan must not import agent)."""
-
-    STOP = "STOP"
-    WAIT = "WAIT"
-    ALONE = "ALONE"
-    PRIM = "PRIM"
-    SECOND = "SECOND"
-
-    @property
-    def primary(self) -> bool:
-        return self in (Role.ALONE, Role.PRIM)
 
 
 @dataclass(frozen=True)
