@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,22 +22,16 @@ import pytest
 from hvha.agent.frames import HEARTBEAT_KEY_PURPOSE, cluster_id, derive_key, encode
 from hvha.lab import Lab
 from tests.e2e.cluster_lab import HVHA, ClusterLab
+from tests.labkit import require_netns
 
 pytestmark = pytest.mark.e2e
 T = 1.5  # heartbeat timeout
 DEADLINE = T + 6  # detection + lease + app start, with room for a loaded 2-core machine
 
 
-def _requirements() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("agent end-to-end tests need root (network namespaces): run as root")
-    if shutil.which("ip") is None:
-        pytest.skip("agent end-to-end tests need `ip` from iproute2")
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    _requirements()
+    require_netns("agent end-to-end tests")
     n, net = os.getpid() % 100000, 1 + os.getpid() % 250
     the_lab = Lab.open(f"hve{n}", tmp_path_factory.mktemp("elab") / "root",
                        lan=f"198.18.{net}.0/25", repl=f"198.19.{net}.0/25")

@@ -13,16 +13,14 @@ import pytest
 
 from hvha.lab import Lab
 from tests.e2e.cluster_lab import HVHA
+from tests.labkit import require_netns
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.skip("plan over SSH in the lab needs root (network namespaces, sshd)")
-    if shutil.which("sshd") is None and not Path("/usr/sbin/sshd").exists():
-        pytest.skip("openssh-server is not installed: `apt-get install openssh-server`")
+    require_netns("plan-over-SSH tests", sshd=True)
     n, net = os.getpid() % 100000, 1 + (os.getpid() + 7) % 250
     the_lab = Lab.open(f"hvp{n}", tmp_path_factory.mktemp("plab") / "root",
                        lan=f"198.18.{net}.128/25", repl=f"198.19.{net}.128/25")

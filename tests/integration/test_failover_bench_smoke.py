@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.labkit import remains, require_netns
 
 from hvha.lab import Lab, LabError
 
@@ -53,25 +54,13 @@ def _ensure_keepalived() -> None:
         pytest.skip(f"keepalived could not be installed: {res.stderr.strip()[-300:]}")
 
 
-def _remains(name: str) -> list[str]:
-    """Namespaces and root interfaces of lab ``name`` that still exist, asked from `ip`."""
-    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
-    names = {line.split()[0] for line in ns.stdout.splitlines() if line.strip()}
-    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True)
-    ifnames = {line.split(":")[1].strip().split("@")[0] for line in links.stdout.splitlines()}
-    return sorted(n for n in names | ifnames if n.startswith(f"{name}-"))
-
-
 @pytest.fixture
 def lab_name(tmp_path: Path) -> Iterator[str]:
     """The benchmark's lab name; whatever the benchmark leaves is removed, by exact name."""
-    if os.geteuid() != 0:
-        pytest.skip("the failover benchmark needs root (network namespaces): run as root")
-    if shutil.which("ip") is None:
-        pytest.skip("the failover benchmark needs `ip` from iproute2: install iproute2")
+    require_netns("the failover benchmark's tests")
     _ensure_keepalived()
     yield NAME
-    leftover = _remains(NAME)
+    leftover = remains(NAME)
     if leftover:  # clean up for the next run, but still fail the test below
         with contextlib.suppress(LabError):
             Lab.open(NAME, tmp_path / "cleanup").down(grace=0.5)
@@ -96,4 +85,4 @@ def test_quick_keepalived_run_prints_a_median_and_cleans_up(lab_name: str) -> No
     assert row, out
     median, low, high = (float(x) for x in row.groups())
     assert 0.1 < low <= median <= high < 30, out
-    assert _remains(lab_name) == [], "the benchmark left lab objects behind"
+    assert remains(lab_name) == [], "the benchmark left lab objects behind"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import stat
 import subprocess
@@ -20,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from tests.labkit import force_down, remains, require_netns
 
 from hvha.cli.main import main
 from hvha.lab import Lab, LabError
@@ -28,38 +28,6 @@ pytestmark = pytest.mark.e2e
 
 _N = os.getpid() % 100000
 _NET = os.getpid() % 250
-
-
-def _requirements() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("lab tests need root (network namespaces, veths, bridges): run as root")
-    if shutil.which("ip") is None:
-        pytest.skip("lab tests need `ip` from iproute2: install iproute2")
-    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, check=False)
-    if probe.returncode != 0:
-        pytest.skip(f"`ip netns` does not work here: {probe.stderr.decode().strip()}")
-
-
-def _remains(lab: Lab) -> list[str]:
-    """Lab namespaces and root interfaces that still exist, asked straight from `ip`."""
-    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
-    names = {line.split()[0] for line in ns.stdout.splitlines() if line.strip()}
-    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True)
-    ifnames = {line.split(":")[1].strip().split("@")[0] for line in links.stdout.splitlines()}
-    prefix = f"{lab.name}-"
-    return sorted(n for n in names | ifnames if n.startswith(prefix))
-
-
-def _force_down(lab: Lab) -> None:
-    try:
-        lab.down(purge=True, grace=0.5)
-    finally:  # belt and braces: remove by exact name whatever `down` could not
-        topo = lab.topology
-        for name in topo.root_interfaces:
-            subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
-        for ns in topo.namespaces:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
-    assert _remains(lab) == []
 
 
 def _new_lab(prefix: str, root: Path, half: int) -> Lab:
@@ -73,24 +41,24 @@ def _new_lab(prefix: str, root: Path, half: int) -> Lab:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """One lab shared by the module, built once; every test leaves it up."""
-    _requirements()
+    require_netns("lab tests")
     the_lab = _new_lab("hvt", tmp_path_factory.mktemp("lab") / "root", 0)
     try:
         assert the_lab.up(), "a fresh lab needs commands"
         yield the_lab
     finally:
-        _force_down(the_lab)
+        force_down(the_lab)
 
 
 @pytest.fixture
 def spare(tmp_path: Path) -> Iterator[Lab]:
     """A second, not yet built lab that a test may create and destroy."""
-    _requirements()
+    require_netns("lab tests")
     the_lab = _new_lab("hvd", tmp_path / "root", 1)
     try:
         yield the_lab
     finally:
-        _force_down(the_lab)
+        force_down(the_lab)
 
 
 def _eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -241,7 +209,7 @@ def test_up_refuses_a_subnet_already_in_use(lab: Lab, tmp_path: Path) -> None:
     clash = Lab.open(f"hvc{_N}", tmp_path / "c", lan=lab.topology.network("lan").subnet)
     with pytest.raises(LabError, match="clash"):
         clash.up()
-    assert _remains(clash) == []
+    assert remains(clash.name) == []
 
 
 def test_down_removes_everything_and_can_repeat(spare: Lab) -> None:
@@ -249,7 +217,7 @@ def test_down_removes_everything_and_can_repeat(spare: Lab) -> None:
     worker = spare.exec("client", ["sleep", "300"])
     assert spare.down(purge=True, grace=0.5)
     assert worker.wait(timeout=5) < 0
-    assert _remains(spare) == []
+    assert remains(spare.name) == []
     assert not spare.root.exists()
     assert spare.down() == []
     assert spare.status()["state"] == "down"

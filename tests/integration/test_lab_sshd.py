@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import stat
 import subprocess
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.labkit import require_netns
 
 from hvha.cli.main import main
 from hvha.lab import Lab, LabError
@@ -26,15 +26,6 @@ pytestmark = pytest.mark.e2e
 
 _N = os.getpid() % 100000
 _NET = (os.getpid() + 125) % 250
-
-
-def _requirements() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("lab sshd tests need root (network namespaces): run as root")
-    if shutil.which("ip") is None:
-        pytest.skip("lab sshd tests need `ip` from iproute2")
-    if not os.access(lab_sshd.SSHD, os.X_OK):
-        pytest.skip(f"lab sshd tests need {lab_sshd.SSHD}: {lab_sshd.INSTALL_HINT}")
 
 
 def _our_sshd_alive(pid: int) -> bool:
@@ -50,7 +41,7 @@ def _pids(lab: Lab) -> dict[str, int | None]:
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
-    _requirements()
+    require_netns("lab sshd tests", sshd=True)
     the_lab = Lab.open(f"hvk{_N}", tmp_path / "root",
                        lan=f"198.18.{_NET}.128/25", repl=f"198.19.{_NET}.128/25")
     started: set[int] = set()

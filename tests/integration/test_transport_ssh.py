@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 import traceback
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from tests.labkit import require_netns
 
 from hvha.lab import Lab
 from hvha.lab import sshd as lab_sshd
@@ -36,18 +36,9 @@ _NET = (os.getpid() + 125) % 250
 SECRET = "pw-that-must-never-show-4711"
 
 
-def _requirements() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("SSH transport tests need root (network namespaces): run as root")
-    if shutil.which("ip") is None:
-        pytest.skip("SSH transport tests need `ip` from iproute2")
-    if not os.access(lab_sshd.SSHD, os.X_OK):
-        pytest.skip(f"SSH transport tests need {lab_sshd.SSHD}: {lab_sshd.INSTALL_HINT}")
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    _requirements()
+    require_netns("SSH transport tests", sshd=True)
     the_lab = Lab.open(f"hvs{_N}", tmp_path_factory.mktemp("sshlab") / "root",
                        lan=f"198.18.{_NET}.0/25", repl=f"198.19.{_NET}.0/25")
     try:

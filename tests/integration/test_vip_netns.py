@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from ipaddress import IPv4Address
 from typing import Any
 
 import pytest
+from tests.labkit import force_down, require_netns
 
 from hvha.drivers.garp import ARP_REPLY, ARP_REQUEST, arp_frame, format_mac, parse_mac
 from hvha.drivers.vip import holders, interface_for
@@ -137,38 +137,16 @@ print(json.dumps(seen), flush=True)
 """
 
 
-def _requirements() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("VIP lab tests need root (network namespaces, raw sockets): run as root")
-    if shutil.which("ip") is None:
-        pytest.skip("VIP lab tests need `ip` from iproute2: install iproute2")
-    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, check=False)
-    if probe.returncode != 0:
-        pytest.skip(f"`ip netns` does not work here: {probe.stderr.decode().strip()}")
-
-
-def _force_down(lab: Lab) -> None:
-    try:
-        lab.down(purge=True, grace=0.5)
-    finally:  # belt and braces, by exact name
-        for name in lab.topology.root_interfaces:
-            subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
-        for ns in lab.topology.namespaces:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
-    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert f"{lab.name}-" not in names
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    _requirements()
+    require_netns("VIP lab tests")
     the_lab = Lab.open(f"hvv{_N}", tmp_path_factory.mktemp("viplab") / "root",
                        lan=f"198.19.{_OCTET}.0/25", repl=f"198.19.{_OCTET}.128/25")
     try:
         the_lab.up()
         yield the_lab
     finally:
-        _force_down(the_lab)
+        force_down(the_lab)
 
 
 def _python(lab: Lab, role: str, script: str, *args: str) -> str:
