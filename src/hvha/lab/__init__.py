@@ -47,7 +47,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from hvha.lab import netns
+from hvha.lab import netns, nodefs
 from hvha.lab import sshd as lab_sshd
 from hvha.lab.netns import LabError
 from hvha.lab.topology import (
@@ -210,6 +210,9 @@ class Lab:
             raise LabError(
                 "the lab is still incomplete after `up`: " + "; ".join(c.reason for c in missing)
             )
+        for role in nodefs.NODES:
+            nodefs.ensure(self.name, role, self.ns_name(role), self.dirs(role)["base"],
+                          self.root / "nodefs.json")
         return (cmds + lab_sshd.ensure(self.topology)) if sshd else cmds
 
     def down(self, *, purge: bool = False, grace: float = 2.0) -> list[Command]:
@@ -222,6 +225,7 @@ class Lab:
         for ns in self.topology.namespaces:
             if ns in obs.namespaces:
                 netns.stop_ns(ns, grace)
+        nodefs.remove(self.name, self.root / "nodefs.json")
         cmds = plan_down(self.topology, obs)
         netns.apply(cmds)
         left = leftovers(self.topology, netns.observe(self.topology))
@@ -236,8 +240,20 @@ class Lab:
     def exec(self, role: str, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen[Any]:
         """Start ``argv`` inside the namespace of ``role``; ``popen_kwargs`` go to Popen.
 
-        The returned Popen's pid is the process itself (``ip netns exec`` execs into it)."""
-        return netns.exec_in(self.ns_name(role), argv, **popen_kwargs)
+        Nodes run in their own mount namespace (:mod:`hvha.lab.nodefs`: private /opt/hvha,
+        /etc/hvha, /var/lib/hvha, /run/hvha, /srv/hvha). The returned Popen's pid is the
+        process itself (``ip netns exec`` or ``nsenter`` execs into it)."""
+        return netns.exec_in(self.ns_name(role), argv, nodefs.of(self.name, role),
+                             **popen_kwargs)
+
+    def node_path(self, role: str, path: str) -> Path:
+        """Where ``path`` (one of :data:`hvha.lab.nodefs.PRIVATE_PATHS` or below) of ``role``
+        lives on this machine: ``node_path("node1", "/etc/hvha/node.bundle")``."""
+        for private in nodefs.PRIVATE_PATHS:
+            if path == private or path.startswith(private + "/"):
+                return nodefs.backing(self.dirs(role)["base"], private) / path[len(private):
+                                                                              ].lstrip("/")
+        raise LabError(f"{path} is not private to a lab node (see hvha.lab.nodefs)")
 
     def run(
         self, role: str, argv: Sequence[str], *, timeout: float = 30.0

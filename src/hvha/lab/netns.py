@@ -242,10 +242,18 @@ def stop_ns(ns: str, grace: float = 2.0) -> list[int]:
     return sorted({*pids, *kill_ns(ns, signal.SIGKILL)})
 
 
-def exec_in(ns: str, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen[Any]:
-    """Start ``argv`` inside ``ns`` (``ip netns exec``); the Popen's pid is the process itself."""
+def exec_in(ns: str, argv: Sequence[str], mntns: Path | None = None,
+            **popen_kwargs: Any) -> subprocess.Popen[Any]:
+    """Start ``argv`` inside ``ns`` (``ip netns exec``), or inside ``ns`` and the mount
+    namespace bound at ``mntns`` (``nsenter``, see :mod:`hvha.lab.nodefs`); either way the
+    Popen's pid is the process itself."""
     _ns_inode(ns)
-    return subprocess.Popen(["ip", "netns", "exec", ns, *argv], **popen_kwargs)
+    if mntns is None:
+        return subprocess.Popen(["ip", "netns", "exec", ns, *argv], **popen_kwargs)
+    cwd = popen_kwargs.get("cwd")
+    argv = ["nsenter", f"--net={NETNS_DIR / ns}", f"--mount={mntns}",
+            f"--wd={os.fspath(cwd) if cwd is not None else os.getcwd()}", "--", *argv]
+    return subprocess.Popen(argv, **popen_kwargs)
 
 
 def ping(ns: str, address: str, timeout: float = 1.0) -> bool:

@@ -30,7 +30,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from hvha.lab import netns
+from hvha.lab import netns, nodefs
 from hvha.lab.netns import LabError
 from hvha.lab.topology import LAN, Command, Topology
 
@@ -55,6 +55,7 @@ class NodeSshd:
     authorized_keys: Path
     pid_file: Path
     log_file: Path
+    lab: str = ""
 
 
 def admin_key(topo: Topology) -> Path:
@@ -79,6 +80,7 @@ def node_sshd(topo: Topology, role: str) -> NodeSshd:
         authorized_keys=etc / "authorized_keys",
         pid_file=dirs["run"] / "sshd.pid",
         log_file=dirs["log"] / "sshd.log",
+        lab=topo.name,
     )
 
 
@@ -203,8 +205,8 @@ def _start(n: NodeSshd, binary: Path) -> Command:
         raise LabError(f"sshd rejects {n.config}: {test.stderr.strip() or test.returncode}")
     # without -D sshd forks into the background once it is set up; the parent's exit status
     # tells whether that worked, the pid file appears once it listens
-    with netns.exec_in(n.namespace, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True) as proc:
+    with netns.exec_in(n.namespace, argv, nodefs.of(n.lab, n.role), stdin=subprocess.DEVNULL,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         _, err = proc.communicate(timeout=START_TIMEOUT)
     deadline = time.monotonic() + START_TIMEOUT
     while proc.returncode == 0 and time.monotonic() < deadline:
