@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -125,12 +126,22 @@ def test_payload_change_restarts_only_where_primary() -> None:
     assert not two.disruptive and two.disruption == ""
 
 
-def test_restarting_the_agent_moves_its_primaries_to_a_live_secondary() -> None:
+def test_a_module_change_is_reloaded_in_place_without_moving_anything() -> None:
     p = plan(*load_case("payload-changed-prim"))
     service = _by_address(p, "node1")["node/node1/service"]
+    assert service.reason.startswith("reload bundle ") and not service.disruptive
+
+
+def test_restarting_the_agent_moves_its_primaries_to_a_live_secondary() -> None:
+    desired, facts = load_case("payload-changed-prim")
+    heartbeat = dict(desired["node1"].config["heartbeat"], timeout=9.0)
+    desired = {**desired, "node1": replace(
+        desired["node1"], config={**desired["node1"].config, "heartbeat": heartbeat})}
+    service = _by_address(plan(desired, facts), "node1")["node/node1/service"]
+    assert "heartbeat changed" in service.reason
     assert service.disruptive and service.disruption == (
         "moves web to node2 while the agent restarts")
-    assert not _by_address(p, "node2")["node/node2/service"].disruptive
+    assert not _by_address(plan(desired, facts), "node2")["node/node2/service"].disruptive
 
 
 def test_vip_change_moves_the_vip_on_the_primary() -> None:

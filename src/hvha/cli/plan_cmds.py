@@ -10,25 +10,24 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from hvha.apply.run import ApplyError, file_sha256, open_session
+from hvha.apply.run import gather as gather_session
 from hvha.cli.errors import UserError
 from hvha.compile.bundle import build_bundles
 from hvha.config.validate import validate_file
 from hvha.plan import (
-    FactsError,
     NodeFacts,
     Plan,
     desired_from_bundles,
     detailed_exitcode,
-    facts_command,
-    parse_facts,
     plan,
     render_json,
     render_text,
 )
-from hvha.transport import TransportError, connect
 
 
 def register(sub: Any) -> None:
@@ -44,20 +43,15 @@ def register(sub: Any) -> None:
 
 
 def gather(cluster: Any, accept_new: bool) -> dict[str, NodeFacts]:
-    """Facts of every node, one connection and one command each; the first failure stops."""
-    facts: dict[str, NodeFacts] = {}
-    for node in cluster.nodes:
+    """Facts of every node, connected to and asked in parallel; any failure stops the plan."""
+    try:
+        session = open_session(cluster, accept_new)
         try:
-            with connect(node, accept_new_host_keys=accept_new) as transport:
-                result = transport.run(facts_command(), timeout=60)
-        except TransportError as exc:
-            raise UserError(f"node {node.name} ({node.address}): {exc}\n  nothing was changed "
-                            "on any node") from None
-        try:
-            facts[node.name] = parse_facts(node.name, result.stdout)
-        except FactsError as exc:
-            raise UserError(str(exc)) from None
-    return facts
+            return gather_session(session)
+        finally:
+            session.close()
+    except ApplyError as exc:
+        raise UserError(str(exc)) from None
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -70,6 +64,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     desired = desired_from_bundles(build_bundles(v.cluster))
     the_plan: Plan = plan(desired, gather(v.cluster, args.accept_new_host_keys))
     if args.out:
+        the_plan = replace(the_plan, source={"file": str(Path(args.file).resolve()),
+                                             "sha256": file_sha256(args.file)})
         out = Path(args.out)
         try:
             out.write_text(the_plan.to_json())

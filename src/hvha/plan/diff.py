@@ -9,10 +9,12 @@ Disruption is judged from the agent's status on that node: a change is disruptiv
 touches a module that is primary (PRIM or ALONE) there; when the status cannot be read from a
 running agent, it is *assumed* disruptive ("possibly ..."): a plan may over-warn, never under-warn.
 
-The agent reads its bundle only at start, and stopping it hands every module it runs to the
-peer. So any bundle or agent change on a running node is also a ``node/<n>/service`` restart,
-disruptive where modules are primary; the per-module changes say what the new configuration
-itself does to the payload.
+A running agent reloads a new bundle in place (``hvha reload``): modules that did not change are
+not touched, and the per-module changes say what the new configuration does to each payload.
+Only a change of the node-level sections (:data:`RESTART_SECTIONS`: heartbeat, witness, node
+identity, replication) or of the agent's version needs a ``node/<n>/service`` restart, and
+stopping the agent hands every module it runs to the peer: that is disruptive where modules are
+primary.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ OWN_RESOURCES = ("replicated", "vip", "checkers")
 IGNORED = ("start_rank",)  # derived from the graph order; a new module would shift every rank
 RESTARTING_FIELDS = ("payload", "variables")  # what the running payload was started with
 UNEXPLAINED = ("source_sha256", "defaults_applied", "hvha_version", "format")
+# agent.json sections a running agent cannot take in place (see hvha.agent reload)
+RESTART_SECTIONS = ("cluster", "heartbeat", "witness", "node", "peer", "replication")
 
 
 def desired_from_bundles(bundles: Sequence[Bundle]) -> dict[str, DesiredNode]:
@@ -118,6 +122,10 @@ def _agent(ctx: _Ctx) -> Change | None:
 
 def _bundle(ctx: _Ctx) -> Change | None:
     f, want, addr = ctx.facts, ctx.want.bundle_hash, f"node/{ctx.node}/bundle"
+    if f.bundle_tampered:
+        return Change(addr, ctx.node, Action.UPDATE, {"hash": f.bundle_pushed}, {"hash": want},
+                      "drift: node.bundle was edited on the node (its content no longer "
+                      "matches its .sha256)", drift=True)
     if f.bundle_pushed == want:
         return None
     if f.bundle_pushed is None:
@@ -159,21 +167,42 @@ def _service(ctx: _Ctx) -> Change | None:
     if f.service is not ServiceState.RUNNING:
         return Change(addr, n, Action.UPDATE, before, after,
                       f"drift: agent {f.service.value} ({f.service_detail})", drift=True)
-    reasons, drift = [], False
+    reasons, drift, restart = [], False, False
     if f.bundle_running != ctx.want.bundle_hash:
+        sections = _restart_sections(ctx)
+        verb = ("restart to load" if sections else "reload") + (
+            f" bundle {_short(ctx.want.bundle_hash)}")
+        restart = bool(sections)
+        if sections:
+            verb += f" ({', '.join(sections)} changed: the agent cannot take that in place)"
         if f.bundle_pushed == ctx.want.bundle_hash:
             drift = True
             reasons.append(f"drift: the agent runs bundle {_short(f.bundle_running)}, "
-                           f"not the pushed {_short(f.bundle_pushed)}")
+                           f"not the pushed {_short(f.bundle_pushed)}: {verb}")
         else:
-            reasons.append(f"restart to load bundle {_short(ctx.want.bundle_hash)}")
+            reasons.append(verb)
+    elif f.running_intact is False:
+        drift = True
+        reasons.append("drift: files of the running bundle were edited on the node: reload it")
     if f.version is not None and f.version != ctx.want.agent_version:
+        restart = True
         reasons.append(f"restart to run agent {ctx.want.agent_version}")
     if not reasons:
         return None
+    if not restart:
+        return Change(addr, n, Action.UPDATE, before, after, "; ".join(reasons), drift=drift)
     disruptive, disruption = _restart_disruption(ctx)
     return Change(addr, n, Action.UPDATE, before, after, "; ".join(reasons), disruptive,
                   disruption, drift)
+
+
+def _restart_sections(ctx: _Ctx) -> list[str]:
+    """Node-level sections that differ between what the agent runs and the desired bundle
+    (all of them when the installed configuration is unknown)."""
+    if ctx.facts.config is None:
+        return ["configuration unknown"]
+    old, new = ctx.facts.config.sections, ctx.want.config
+    return [k for k in RESTART_SECTIONS if old.get(k) != new.get(k)]
 
 
 def _restart_disruption(ctx: _Ctx) -> tuple[bool, str]:

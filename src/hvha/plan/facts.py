@@ -61,9 +61,10 @@ case $pid in ''|*[!0-9]*) pid= ;;
 ad=; command -v ip >/dev/null 2>&1 &&
   ad=$(ip -o addr show 2>/dev/null | awk '{printf "%s=%s ", $2, $4}')
 T=; command -v timeout >/dev/null 2>&1 && T="timeout 10"
-c=; st=; y="$P/bin/python"
+c=; st=; y="$P/bin/python"; bc=
 if [ -x "$y" ]; then
   [ -r "$S/bundle/agent.json" ] && c=$("$y" -m json.tool --compact "$S/bundle/agent.json")
+  bc=$("$y" -I -c "$BC" "$E/node.bundle" "$S/bundle")
   [ -S "$S/control.sock" ] && [ -n "$v" ] && st=$($T "$P/bin/hvha" status --json \
     --socket "$S/control.sock" 2>/dev/null | "$y" -m json.tool --compact 2>/dev/null)
 fi 2>/dev/null
@@ -72,8 +73,34 @@ printf '{"facts_format":1,"host":%s,"uid":%s,"prefix":%s,"state_dir":%s,"hvha":%
 printf '"version":%s,"bundle_pushed":%s,"bundle_running":%s,"systemd":%s,"pid":%s,' \
   "$(j "$v")" "$(j "$(w "$E/node.bundle.sha256")")" "$(j "$(w "$S/bundle/BUNDLE_HASH")")" \
   "$(j "$sd")" "$(j "$pid")"
-printf '"pid_alive":%s,"addresses":%s,"config":%s,"status":%s}\n' \
-  "$a" "$(j "$ad")" "${c:-null}" "${st:-null}"
+printf '"pid_alive":%s,"addresses":%s,"config":%s,"status":%s,"bundle_check":%s}\n' \
+  "$a" "$(j "$ad")" "${c:-null}" "${st:-null}" "${bc:-null}"
+"""
+
+# Run by the node's venv python: the hash of the pushed bundle computed from its content (so an
+# edited node.bundle shows even when its .sha256 was left alone), and whether every file of the
+# extracted bundle the agent runs still matches its manifest (an edited script shows as drift).
+BUNDLE_CHECK = r"""import hashlib, json, os, sys, tarfile
+out = {"pushed": None, "running_intact": None}
+try:
+    with tarfile.open(sys.argv[1]) as t:
+        f = t.extractfile("MANIFEST.json")
+        out["pushed"] = hashlib.sha256(f.read()).hexdigest() if f else None
+except Exception:
+    pass
+try:
+    root = sys.argv[2]
+    with open(os.path.join(root, "MANIFEST.json"), "rb") as f:
+        m = f.read()
+    ok = all(hashlib.sha256(open(os.path.join(root, r), "rb").read()).hexdigest() == d
+             for r, d in json.loads(m)["files"].items())
+    with open(os.path.join(root, "BUNDLE_HASH")) as f:
+        out["running_intact"] = ok and f.read().strip() == hashlib.sha256(m).hexdigest()
+except FileNotFoundError:
+    pass
+except Exception:
+    out["running_intact"] = False
+print(json.dumps(out))
 """
 
 
@@ -86,7 +113,7 @@ def facts_script(prefix: str | None = None, state_dir: str | None = None,
     settings = {"HVHA_PREFIX": prefix, "HVHA_STATE_DIR": state_dir, "HVHA_ETC": etc,
                 "HVHA_UNIT": unit, "HVHA_PIDFILE": pidfile}
     head = "".join(f"{k}={shlex.quote(v)}\n" for k, v in settings.items() if v is not None)
-    return head + FACTS_SCRIPT
+    return head + f"BC={shlex.quote(BUNDLE_CHECK)}\n" + FACTS_SCRIPT
 
 
 def facts_command(prefix: str | None = None, state_dir: str | None = None,
@@ -154,6 +181,9 @@ class NodeFacts:
     version: str | None = None  # what it says with --version; None if absent or broken
     bundle_pushed: str | None = None  # the last bundle apply put in /etc/hvha
     bundle_running: str | None = None  # the bundle the agent extracted when it last started
+    # node.bundle's content does not match its .sha256 record: edited on the node
+    bundle_tampered: bool = False
+    running_intact: bool | None = None  # the extracted bundle's files match its manifest
     service: ServiceState = ServiceState.ABSENT
     service_detail: str = ""
     addresses: tuple[tuple[str, str], ...] | None = None  # (interface, "ip/len"); None: unknown
@@ -233,9 +263,15 @@ class _Reader:
         if uid not in (None, "0"):
             self.problems.append(f"facts gathered as uid {uid}: the agent's files may be "
                                  "unreadable (state looks absent)")
+        check = self.get("bundle_check", dict) or {}
+        recorded = self.get("bundle_pushed", str)
+        computed = check.get("pushed") if isinstance(check.get("pushed"), str) else None
+        intact = check.get("running_intact")
         return NodeFacts(
             node=self.node, host=self.get("host", str), installed=installed, version=version,
-            bundle_pushed=self.get("bundle_pushed", str),
+            bundle_pushed=computed or recorded,
+            bundle_tampered=recorded is not None and computed is not None and computed != recorded,
+            running_intact=intact if isinstance(intact, bool) else None,
             bundle_running=self.get("bundle_running", str), service=service,
             service_detail=detail, addresses=self.addresses(), config=self.config(),
             status=status, problems=tuple(self.problems))
@@ -327,6 +363,7 @@ def facts_digest(facts: NodeFacts) -> str:
         "sections": dict(facts.config.sections)}
     doc = {"node": facts.node, "installed": facts.installed, "version": facts.version,
            "pushed": facts.bundle_pushed, "running": facts.bundle_running,
+           "tampered": facts.bundle_tampered, "intact": facts.running_intact,
            "service": facts.service.value, "addresses": facts.addresses, "status": status,
            "config": config}
     blob = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)

@@ -18,7 +18,8 @@ JSON format, version 1 (:meth:`Plan.to_json`; keys always in this order)::
                    "reason": "payload.start changed", "drift": false,
                    "disruptive": true, "disruption": "restarts web on node1",
                    "before": {...} | null, "after": {...} | null}],
-      "summary": {"add": 0, "change": 1, "destroy": 0, "disruptive": 1, "drift": 0}
+      "summary": {"add": 0, "change": 1, "destroy": 0, "disruptive": 1, "drift": 0},
+      "source": {"file": "/abs/cluster.yaml", "sha256": "..."}   (only in saved plans)
     }
 
 ``before``/``after`` are JSON objects (keys sorted) or null for "does not exist". ``summary``
@@ -121,6 +122,9 @@ class NodePlan:
 class Plan:
     changes: tuple[Change, ...]
     nodes: Mapping[str, NodePlan]
+    # set by `hvha plan -out`: {"file": absolute path of the cluster file, "sha256": its hash},
+    # so `hvha apply plan.json` finds the configuration and refuses it if it was edited since
+    source: Mapping[str, str] | None = None
 
     @property
     def has_changes(self) -> bool:
@@ -156,6 +160,7 @@ class Plan:
             "changes": [_change_dict(c) for c in self.changes],
             "summary": {"add": s.add, "change": s.change, "destroy": s.destroy,
                         "disruptive": s.disruptive, "drift": s.drift},
+            **({"source": dict(self.source)} if self.source is not None else {}),
         }
 
     def to_json(self) -> str:
@@ -184,9 +189,12 @@ class Plan:
                                          tuple(_str(t) for t in _list(n.get("notes", []))))
                      for name, n in _obj(doc["nodes"]).items()}
             changes = tuple(_change_from(c) for c in _list(doc["changes"]))
+            source = doc.get("source")
+            if source is not None:
+                source = {"file": _str(source["file"]), "sha256": _str(source["sha256"])}
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise PlanError(f"damaged plan file: {type(exc).__name__}: {exc}") from None
-        plan = cls(changes, nodes)
+        plan = cls(changes, nodes, source)
         if "summary" in doc and doc["summary"] != plan.to_dict()["summary"]:
             raise PlanError("damaged plan file: its summary does not match its changes")
         return plan
