@@ -217,7 +217,10 @@ class NodeRunner:
         self.sh("if [ -d /run/systemd/system ]; then\n"
                 f"  systemctl disable --quiet {q(p.unit)} 2>/dev/null || true\n"
                 f"  rm -f /etc/systemd/system/{q(p.unit)}.service; systemctl daemon-reload\n"
-                "fi\n" + "".join(f"rm -rf {q(d)}\n" for d in doomed),
+                "fi\n" + "".join(  # contents first: the directory may be a mount point
+                    f"[ ! -e {q(d)} ] || {{ find {q(d)} -mindepth 1 -delete && "
+                    f"{{ rmdir {q(d)} 2>/dev/null || true; }}; }}\n" for d in doomed)
+                + f"rmdir {q(str(Path(p.prefix).parent))} 2>/dev/null || true",
                 "removing hvha from the node")
         return "removed " + ", ".join(doomed)
 

@@ -231,7 +231,10 @@ def unsettled(status: Mapping[str, dict[str, Any] | None]) -> list[str]:
     for module, by_node in sorted(roles.items()):
         names = [r.split()[0] for r in by_node.values()]
         primaries = sum(r in ("PRIM", "ALONE") for r in names)
-        stopped = all(r == "STOP" for r in names)
+        # STOP is a settled answer only once the agent has started the module and an operator
+        # stopped it; "not started" is an agent still waiting for its peer
+        stopped = all(r.startswith("STOP") and "not started" not in r
+                      for r in by_node.values())
         if stopped or (primaries == 1 and all(r in SETTLED for r in names)
                        and (running < 2 or "SECOND" in names or "ALONE" in names)):
             continue
