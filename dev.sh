@@ -51,31 +51,25 @@ demo() {
   [ "$(id -u)" -eq 0 ] || { echo "the lab needs root (network namespaces)" >&2; exit 1; }
   "$HVHA" validate examples/lab.yaml
   demo_down >/dev/null 2>&1 || true
-  "$HVHA" lab up
+  "$HVHA" lab up                       # namespaces, bridges, an sshd per node
   install -d -m 700 "$LAB/app" "$LAB/demo"
   install -m 700 examples/lab-app/* "$LAB/app/"
   if [ ! -s "$LAB/cluster.key" ]; then
     (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$LAB/cluster.key")
   fi
-  "$HVHA" compile examples/lab.yaml -o "$LAB/bundles"
+  # the witness is the third machine's job: started here by hand, as an operator would
   ip netns exec lab-witness setsid "$HVHA" witness --cluster lab --secret-file "$LAB/cluster.key" \
     >"$LAB/demo/witness.log" 2>&1 </dev/null & echo $! >"$LAB/demo/witness.pid"
-  for n in node1 node2; do
-    ip netns exec "lab-$n" setsid "$HVHA" agent --bundle "$LAB/bundles/$n.bundle" \
-      --state-dir "$LAB/$n/state" >"$LAB/demo/$n.log" 2>&1 </dev/null & echo $! >"$LAB/demo/$n.pid"
-  done
-  echo "waiting for the module to start (first start: the witness grants the role after its grace)"
-  for _ in $(seq 150); do
-    "$HVHA" state web --socket "$LAB/node1/state/control.sock" >/dev/null 2>&1 && true
-    [ "$("$HVHA" state web --socket "$LAB/node2/state/control.sock" 2>/dev/null)" = SECOND ] && break
-    sleep 0.2
-  done
-  "$HVHA" status --socket "$LAB/node1/state/control.sock"
+  # the real control plane, over SSH: package pushed into /opt/hvha/venv on each node, bundle,
+  # supervised agent, modules up in graph order
+  "$HVHA" apply examples/lab.yaml --auto-approve
+  "$HVHA" status --socket "$LAB/node1/fs/var/lib/hvha/control.sock"
   echo "client through the VIP: $(ip netns exec lab-client python3 -c 'import socket; print(socket.create_connection(("10.77.0.100", 8080), 2).recv(64).decode().strip())')"
   cat <<EOF2
-Try:  $HVHA swap web --socket $LAB/node1/state/control.sock
-      $HVHA status --watch --socket $LAB/node2/state/control.sock
-      kill -9 \$(cat $LAB/demo/node1.pid)      # then watch node2 take over
+Try:  $HVHA plan examples/lab.yaml                       # "No changes."
+      ssh -i $LAB/id_ed25519 -o UserKnownHostsFile=$LAB/known_hosts root@10.77.0.11 /opt/hvha/venv/bin/hvha swap web
+      $HVHA status --watch --socket $LAB/node2/fs/var/lib/hvha/control.sock
+      $HVHA reconcile examples/lab.yaml --interval 10s  # then stop an agent or edit a bundle on a node
 Stop: ./dev.sh demo-down
 EOF2
 }

@@ -57,7 +57,8 @@ sd=; command -v systemctl >/dev/null 2>&1 && sd=$(systemctl show -p LoadState \
   -p ActiveState -p SubState -p UnitFileState "$U" 2>/dev/null | tr '\n' ' ')
 pid=$(w "$F"); a=false
 case $pid in ''|*[!0-9]*) pid= ;;
-  *) { kill -0 "$pid" 2>/dev/null || [ -d "/proc/$pid" ]; } && a=true ;; esac
+  *) { kill -0 "$pid" 2>/dev/null || [ -d "/proc/$pid" ]; } &&
+     { [ ! -r "/proc/$pid/cmdline" ] || grep -q hvha "/proc/$pid/cmdline"; } && a=true ;; esac
 ad=; command -v ip >/dev/null 2>&1 &&
   ad=$(ip -o addr show 2>/dev/null | awk '{printf "%s=%s ", $2, $4}')
 T=; command -v timeout >/dev/null 2>&1 && T="timeout 10"
