@@ -1,0 +1,428 @@
+"""The secondary's side: a mutual-TLS server that replays the primary's ops in order.
+
+Why: the secondary's copy must only ever change through the ordered stream (apps on the
+secondary are kept out by `read_only_guard`), each op must be applied before it is
+acknowledged, and an Fsync is acknowledged only once the data is on this disk. A peer that
+passed authentication still cannot write outside the replicated directory: every path goes
+through ops.check_path and is resolved component by component with O_NOFOLLOW below a directory
+descriptor opened at start (TreeWriter, on top of blocks.TreeReader).
+
+Acks are cumulative and coalesced: after an op is applied, an ACK is sent when no further
+frame is already buffered (or every 64 ops / 4 MiB / 5 ms), so a burst costs few acks and a
+lone op is acknowledged at once. A failed op (ENOSPC, EIO, anything) is NACKed with its errno
+and the connection is closed: the primary then goes ALONE and records the op as dirty.
+Queries (stat, list, block hashes for the resync) travel in the same ordered stream, so their
+answers reflect every op sent before them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import socket
+import ssl
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hvha.replication import ops, tls, wire
+from hvha.replication.blocks import TreeReader
+from hvha.replication.ops import check_path
+from hvha.replication.wire import FrameType, Hello
+
+log = logging.getLogger("hvha.replication.applier")
+
+
+class Applier:
+    """Accepts the expected peer on (host, port) and applies its ops to `root`.
+
+    generations() is called for each hello (the answer carries this node's data generations);
+    on_hello(peer_hello) may return a reason string to refuse the session (e.g. split brain)."""
+
+    def __init__(self, root: str | Path, *, node: str, peer: str, module: str,
+                 ctx: ssl.SSLContext, host: str = "127.0.0.1", port: int = 0,
+                 generations: Callable[[], dict[str, Any]] = dict,
+                 on_hello: Callable[[Hello], str | None] | None = None,
+                 handshake_timeout: float = 10.0) -> None:
+        self.tree = TreeWriter(root)
+        self.node, self.peer, self.module = node, peer, module
+        self.ctx = ctx
+        self.generations = generations
+        self.on_hello = on_hello
+        self.handshake_timeout = handshake_timeout
+        self._listen = socket.create_server((host, port), reuse_port=False)
+        self._listen.settimeout(0.2)
+        self.address: tuple[str, int] = self._listen.getsockname()[:2]
+        self._stop = threading.Event()
+        self._apply_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._active: tls.Channel | None = None
+        self._threads: list[threading.Thread] = []
+        self.applied_seq = 0
+        self.last_error: str = ""
+        self.sessions = 0
+        self.skipped = 0
+
+    def start(self) -> tuple[str, int]:
+        t = threading.Thread(target=self._accept_loop, name="hvha-applier-accept", daemon=True)
+        t.start()
+        self._threads.append(t)
+        return self.address
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            active = self._active
+        if active is not None:
+            active.shutdown()
+        for t in self._threads:
+            t.join(timeout=10)
+        self._listen.close()
+        with self._apply_lock:
+            self.tree.close()
+
+    def __enter__(self) -> Applier:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, addr = self._listen.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            t = threading.Thread(target=self._session, args=(conn, addr), daemon=True,
+                                 name="hvha-applier-session")
+            self._threads = [x for x in self._threads if x.is_alive()]
+            self._threads.append(t)
+            t.start()
+
+    def _session(self, conn: socket.socket, addr: Any) -> None:
+        try:
+            chan = tls.accept(conn, self.ctx, self.peer, self.handshake_timeout)
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("replication: refused connection from %s: %s", addr, exc)
+            self.last_error = f"refused {addr}: {exc}"
+            return
+        with chan:
+            try:
+                reader = wire.FrameReader(chan)
+                if not self._handshake(chan, reader):
+                    return
+            except (OSError, wire.WireError) as exc:
+                log.warning("replication: refused %s: %s", addr, exc)
+                self.last_error = str(exc)
+                return
+            with self._lock:
+                old, self._active = self._active, chan
+            if old is not None:
+                old.shutdown()
+            chan.timeout = None
+            with self._apply_lock:
+                if self._stop.is_set():
+                    return
+                self.sessions += 1
+                self._serve(chan, reader)
+            with self._lock:
+                if self._active is chan:
+                    self._active = None
+
+    def _handshake(self, sock: tls.Channel, reader: wire.FrameReader) -> bool:
+        frame = reader.read()
+        if frame.type != FrameType.HELLO:
+            raise wire.WireError(f"expected HELLO, got {frame.type.name}")
+        hello = wire.decode_hello(frame.payload)
+        reason = ""
+        if hello.module != self.module:
+            reason = f"this port serves module {self.module!r}, not {hello.module!r}"
+        elif hello.node != self.peer:
+            reason = f"expected node {self.peer!r}, hello says {hello.node!r}"
+        elif self.on_hello is not None:
+            reason = self.on_hello(hello) or ""
+        answer = Hello(self.node, self.module, self.generations(), not reason, reason)
+        sock.sendall(wire.encode_frame(FrameType.HELLO, 0, answer.encode()))
+        if reason:
+            log.warning("replication: refused session: %s", reason)
+            self.last_error = reason
+        return not reason
+
+    def _apply(self, op: ops.Op) -> OSError | None:
+        try:
+            self.tree.apply(op)
+        except OSError as exc:
+            return exc
+        except ValueError as exc:  # an unsafe path: never applied
+            return OSError(errno.EINVAL, str(exc))
+        return None
+
+    def _serve(self, sock: tls.Channel, reader: wire.FrameReader) -> None:
+        expected = -1
+        strict = False
+        acked = applied = self.applied_seq
+        unacked_bytes, since = 0, time.monotonic()
+        try:
+            while True:
+                frame = reader.read()
+                if frame.type == FrameType.OP:
+                    if expected >= 0 and frame.seq != expected:
+                        raise wire.WireError(f"op {frame.seq} out of order, {expected} expected")
+                    expected = frame.seq + 1
+                    op = wire.decode_op(frame.payload)
+                    error = self._apply(op)
+                    if error is not None and (strict or error.errno not in _DIVERGENCE):
+                        self.last_error = f"op {frame.seq} {op!r:.200}: {error}"
+                        log.error("replication: %s", self.last_error)
+                        sock.sendall(wire.encode_frame(FrameType.NACK, frame.seq, wire.encode_nack(
+                            error.errno or errno.EIO, str(error))))
+                        return
+                    if error is not None:
+                        self.skipped += 1
+                        log.info("replication: op %d skipped while resyncing: %s", frame.seq,
+                                 error)
+                        nack = wire.encode_nack(error.errno or 0, str(error))
+                        sock.sendall(wire.encode_frame(FrameType.SKIPPED, frame.seq, nack))
+                    applied = self.applied_seq = frame.seq
+                    unacked_bytes += len(frame.payload)
+                elif frame.type == FrameType.QUERY:
+                    if frame.payload.startswith(b'{"on":'):  # {"on":bool,"q":"strict"}
+                        strict = wire.decode_json(frame.payload).get("on") is True
+                        reply = b"\0true"
+                    else:
+                        reply = self.tree.query(frame.payload)
+                    if applied > acked:
+                        sock.sendall(wire.encode_frame(FrameType.ACK, applied))
+                        acked, unacked_bytes, since = applied, 0, time.monotonic()
+                    sock.sendall(wire.encode_frame(FrameType.REPLY, frame.seq, reply))
+                else:
+                    raise wire.WireError(f"unexpected {frame.type.name} frame")
+                if applied > acked and (not reader.pending() or applied - acked >= 64
+                                        or unacked_bytes >= 4 << 20
+                                        or time.monotonic() - since > 0.005):
+                    sock.sendall(wire.encode_frame(FrameType.ACK, applied))
+                    acked, unacked_bytes, since = applied, 0, time.monotonic()
+        except wire.ConnectionClosed:
+            log.info("replication: primary closed the connection")
+        except wire.WireError as exc:
+            self.last_error = str(exc)
+            log.error("replication: protocol error, closing: %s", exc)
+            with contextlib.suppress(OSError):
+                sock.sendall(wire.encode_frame(FrameType.ERROR, 0, str(exc).encode()))
+        except OSError as exc:
+            log.info("replication: connection lost: %s", exc)
+
+
+_DIVERGENCE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.EISDIR,
+                         errno.ENOTEMPTY, errno.ELOOP})
+
+
+class ReadOnlyGuard:
+    """A read-only bind mount of a directory over itself: apps on the secondary see the copy
+    but cannot change it, while the applier writes through the descriptor it opened before."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        subprocess.run(["mount", "--bind", self.path, self.path], check=True,
+                       capture_output=True)
+        try:
+            subprocess.run(["mount", "-o", "remount,bind,ro", self.path], check=True,
+                           capture_output=True)
+        except subprocess.CalledProcessError:
+            subprocess.run(["umount", "-l", self.path], check=False, capture_output=True)
+            raise
+
+    def release(self) -> None:
+        subprocess.run(["umount", "-l", self.path], check=True, capture_output=True)
+
+    def __enter__(self) -> ReadOnlyGuard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def read_only_guard(path: str | Path) -> ReadOnlyGuard:
+    """Bind-mount `path` read-only over itself (root only). Open the Applier (its directory
+    descriptor) BEFORE calling this; call .release() (or use `with`) when leaving SECOND."""
+    return ReadOnlyGuard(path)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                            ctypes.c_uint]
+_libc.syncfs.argtypes = [ctypes.c_int]
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+class TreeWriter(TreeReader):
+    """Applies ops below the directory descriptor; remembers the directories whose entries
+    changed since the last barrier so an Fsync also makes those names durable."""
+
+    def __init__(self, root: str | Path | int) -> None:
+        super().__init__(root, writable=True)
+        self._dirty_dirs: set[str] = set()
+
+    def _touch(self, path: str) -> None:
+        self._dirty_dirs.add(path.rpartition("/")[0])
+
+    def _meta_fd(self, path: str) -> int:
+        if check_path(path) == "":
+            return os.dup(self.root_fd)
+        pfd, name = self.parent(path)
+        return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+
+    def _remove(self, pfd: int, name: str) -> None:
+        s = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        if stat.S_ISDIR(s.st_mode):
+            raise IsADirectoryError(errno.EISDIR, f"{name}: a directory is in the way")
+        os.unlink(name, dir_fd=pfd)
+
+    def apply(self, op: ops.Op) -> None:
+        for p in ops.paths_of(op):
+            check_path(p)
+        if isinstance(op, ops.Write):
+            fd, data, off = self.file_fd(op.path), memoryview(op.data), op.offset
+            while data:
+                n = os.pwrite(fd, data, off)
+                data, off = data[n:], off + n
+        elif isinstance(op, ops.Fsync):
+            self._barrier(op)
+        elif isinstance(op, ops.Truncate):
+            os.ftruncate(self.file_fd(op.path), op.size)
+        elif isinstance(op, ops.Fallocate):
+            fd = self.file_fd(op.path)
+            _check(_libc.fallocate(fd, op.mode, op.offset, op.length), f"fallocate {op.path}")
+        elif isinstance(op, ops.Create):
+            pfd, name = self.parent(op.path)
+            self.forget(op.path)
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                fd = os.open(name, flags, 0o600, dir_fd=pfd)
+            except FileExistsError:
+                self._remove(pfd, name)
+                fd = os.open(name, flags, 0o600, dir_fd=pfd)
+            os.fchmod(fd, op.mode & 0o7777)
+            self._files[op.path] = fd
+            self._touch(op.path)
+        elif isinstance(op, ops.Rename):
+            po, old = self.parent(op.old)
+            pn, new = self.parent(op.new)
+            self.forget(op.old)
+            self.forget(op.new)
+            if op.flags:
+                _check(_libc.renameat2(po, os.fsencode(old), pn, os.fsencode(new), op.flags),
+                       f"rename {op.old} -> {op.new}")
+            else:
+                os.rename(old, new, src_dir_fd=po, dst_dir_fd=pn)
+            self._touch(op.old)
+            self._touch(op.new)
+        elif isinstance(op, ops.Unlink | ops.Rmdir):
+            pfd, name = self.parent(op.path)
+            self.forget(op.path)
+            with contextlib.suppress(FileNotFoundError):
+                if isinstance(op, ops.Unlink):
+                    os.unlink(name, dir_fd=pfd)
+                else:
+                    os.rmdir(name, dir_fd=pfd)
+            self._touch(op.path)
+        elif isinstance(op, ops.Mkdir):
+            pfd, name = self.parent(op.path)
+            try:
+                os.mkdir(name, 0o700, dir_fd=pfd)
+            except FileExistsError:
+                if not stat.S_ISDIR(os.stat(name, dir_fd=pfd, follow_symlinks=False).st_mode):
+                    raise
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=pfd)
+            try:
+                os.fchmod(fd, op.mode & 0o7777)
+            finally:
+                os.close(fd)
+            self._touch(op.path)
+        elif isinstance(op, ops.Symlink):
+            pfd, name = self.parent(op.path)
+            self.forget(op.path)
+            try:
+                os.symlink(op.target, name, dir_fd=pfd)
+            except FileExistsError:
+                self._remove(pfd, name)
+                os.symlink(op.target, name, dir_fd=pfd)
+            self._touch(op.path)
+        elif isinstance(op, ops.Link):
+            pe, old = self.parent(op.existing)
+            pn, new = self.parent(op.new)
+            self.forget(op.new)
+            try:
+                os.link(old, new, src_dir_fd=pe, dst_dir_fd=pn, follow_symlinks=False)
+            except FileExistsError:
+                a = os.stat(old, dir_fd=pe, follow_symlinks=False)
+                b = os.stat(new, dir_fd=pn, follow_symlinks=False)
+                if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+                    self._remove(pn, new)
+                    os.link(old, new, src_dir_fd=pe, dst_dir_fd=pn, follow_symlinks=False)
+            self._touch(op.new)
+        elif isinstance(op, ops.Chown):
+            if op.path == "":
+                os.fchown(self.root_fd, op.uid, op.gid)
+            else:
+                pfd, name = self.parent(op.path)
+                os.chown(name, op.uid, op.gid, dir_fd=pfd, follow_symlinks=False)
+        elif isinstance(op, ops.Utimens):
+            ns = (op.atime_ns, op.mtime_ns)
+            if op.path == "":
+                os.utime(self.root_fd, ns=ns)
+            else:
+                pfd, name = self.parent(op.path)
+                os.utime(name, ns=ns, dir_fd=pfd, follow_symlinks=False)
+        else:
+            self._meta(op)
+
+    def _meta(self, op: ops.Op) -> None:
+        """chmod and xattrs, through /proc/self/fd of an O_PATH descriptor (never a symlink's
+        target: symlinks have no mode of their own and no user xattrs)."""
+        fd = self._meta_fd(ops.paths_of(op)[0])
+        try:
+            if stat.S_ISLNK(os.fstat(fd).st_mode):
+                return
+            proc = f"/proc/self/fd/{fd}"
+            if isinstance(op, ops.Chmod):
+                os.chmod(proc, op.mode & 0o7777)
+            elif isinstance(op, ops.SetXattr):
+                os.setxattr(proc, op.name, op.value, op.flags)
+            elif isinstance(op, ops.RemoveXattr):
+                os.removexattr(proc, op.name)
+            else:  # pragma: no cover - every op kind is handled above
+                raise ValueError(f"unknown op {op!r}")
+        finally:
+            os.close(fd)
+
+    def _barrier(self, op: ops.Fsync) -> None:
+        if op.path is None:
+            _check(_libc.syncfs(self.root_fd), "syncfs")
+        else:
+            e = self.stat(op.path)
+            if e is not None and e.kind == "f":
+                fd = self.file_fd(op.path)
+                (os.fdatasync if op.datasync else os.fsync)(fd)
+            elif e is not None and e.kind == "d":
+                os.fsync(self.dir_fd(op.path))
+            for d in sorted(self._dirty_dirs):
+                with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                    os.fsync(self.dir_fd(d))
+        self._dirty_dirs.clear()

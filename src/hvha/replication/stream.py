@@ -1,0 +1,401 @@
+"""The primary's ordered stream of ops to the secondary (pipelined, over mutual TLS).
+
+Why: a write may return to the application only once the secondary has it (or, when the peer
+is away, once the dirty map that will resend it is on disk). The FUSE layer calls, from many
+threads::
+
+    with stream.ordered():          # one lock: local order == stream order
+        apply locally
+        seq = stream.enqueue(op)    # fast, never blocks on the network
+    stream.wait(seq)                # outside the lock
+
+Many ops are in flight at once: whoever waits first sends what is queued (else the sender
+thread does), a receiver thread reads the secondary's cumulative ACKs (ACK n: every op <= n
+applied, Fsyncs among them durable). On peer loss (connection error, no ack for `timeout`
+seconds with ops in flight, NACK, or `detach()`), every op not yet acknowledged, and every
+later op, is recorded in the DirtyStore, and wait() returns only after that record is durable;
+if it cannot be persisted, wait() raises NotPersisted (an OSError, EIO). Mode is then ALONE.
+After `connect()` the mode is RESYNCING until `try_mark_in_sync()` succeeds (blocks.py runs
+the resync through this same stream).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from hvha.replication import ops, tls, wire
+from hvha.replication.dirty import DirtyStore
+from hvha.replication.wire import FrameType, Hello
+
+log = logging.getLogger("hvha.replication.stream")
+SPLIT = 4 * 1024 * 1024  # Writes larger than this are sent as several ops
+
+
+class Mode(StrEnum):
+    CONNECTED = "connected"
+    ALONE = "alone"
+    RESYNCING = "resyncing"
+
+
+class StreamDown(ConnectionError):
+    """The peer is not connected (or was lost while a query waited)."""
+
+
+class PeerRefused(ConnectionError):
+    """The peer authenticated but refused the session (its hello says why)."""
+
+
+class NotPersisted(OSError):
+    """An op was neither acknowledged by the peer nor durably recorded as dirty."""
+
+
+@dataclass
+class ResyncProgress:
+    total_bytes: int = 0
+    done_bytes: int = 0
+    started: float = 0.0
+
+    def snapshot(self) -> dict[str, float]:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        rate = self.done_bytes / elapsed
+        left = max(self.total_bytes - self.done_bytes, 0)
+        pct = 100.0 * self.done_bytes / self.total_bytes if self.total_bytes else 100.0
+        return {"percent": round(pct, 1), "bytes_left": left, "rate": round(rate),
+                "eta_s": round(left / rate, 1) if rate > 0 else -1.0}
+
+
+@dataclass(frozen=True)
+class StreamStatus:
+    mode: Mode
+    in_sync: bool
+    bytes_sent: int
+    ops_in_flight: int
+    acked_seq: int
+    last_error: str
+    resync: dict[str, float] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode.value, "in_sync": self.in_sync, "bytes_sent": self.bytes_sent,
+                "ops_in_flight": self.ops_in_flight, "acked_seq": self.acked_seq,
+                "last_error": self.last_error, "resync": self.resync}
+
+
+class Stream:
+    """One module's replication stream to its peer; starts ALONE until connect()."""
+
+    def __init__(self, *, node: str, peer: str, module: str, address: tuple[str, int],
+                 ctx: ssl.SSLContext, dirty: DirtyStore,
+                 generations: Callable[[], dict[str, Any]] = dict, timeout: float = 10.0,
+                 on_mode: Callable[[Mode, str], None] | None = None) -> None:
+        self.node, self.peer, self.module = node, peer, module
+        self.address, self.ctx, self.dirty = address, ctx, dirty
+        self.generations, self.timeout, self.on_mode = generations, timeout, on_mode
+        self._order = threading.RLock()
+        self._cv = threading.Condition()
+        self._send_lock = threading.Lock()
+        self.mode = Mode.ALONE
+        self.in_sync = False
+        self.last_error = "not connected yet"
+        self.bytes_sent = 0
+        self.acked = 0
+        self.resync_progress: ResyncProgress | None = None
+        self._next = 1
+        self._queue: deque[tuple[int, ops.Op | bytes]] = deque()  # (seq, op) or (qid, query)
+        self._pending: dict[int, ops.Op] = {}  # enqueued, not acknowledged
+        self._order_q: deque[int] = deque()  # keys of _pending in order
+        self._tickets: dict[int, int] = {}  # seq -> dirty ticket to sync before returning
+        self._queries: dict[int, Future[bytes]] = {}
+        self._next_qid = 1
+        self._sock: tls.Channel | None = None
+        self._conn = 0
+        self._progress_at = time.monotonic()
+        self._closed = False
+        self._sender = threading.Thread(target=self._send_loop, name="hvha-stream-send",
+                                        daemon=True)
+        self._sender.start()
+        self._threads: list[threading.Thread] = []
+
+    # ---------------------------------------------------------------- API for the FUSE layer
+    @contextlib.contextmanager
+    def ordered(self) -> Iterator[None]:
+        with self._order:
+            yield
+
+    def enqueue(self, op: ops.Op) -> int:
+        """Queue op (call inside ordered()); return its sequence number. Large Writes become
+        several ops: the number returned is the last one (acks are cumulative)."""
+        if isinstance(op, ops.Write) and len(op.data) > SPLIT:
+            seq = 0
+            view = memoryview(op.data)
+            for i in range(0, len(view), SPLIT):
+                seq = self.enqueue(ops.Write(op.path, op.offset + i, bytes(view[i:i + SPLIT])))
+            return seq
+        with self._cv:
+            seq = self._next
+            self._next += 1
+            if self.mode is Mode.ALONE:
+                self._tickets[seq] = self.dirty.record(op)
+                return seq
+            ticket = self.dirty.observe(op)
+            if ticket:
+                self._tickets[seq] = ticket
+            self._pending[seq] = op
+            self._order_q.append(seq)
+            self._queue.append((seq, op))
+            if len(self._queue) == 1:
+                self._cv.notify_all()
+            return seq
+
+    def wait(self, seq: int) -> None:
+        """Return once op `seq` is acknowledged by the peer or durably recorded as dirty."""
+        self._flush()
+        with self._cv:
+            while seq in self._pending:
+                self._cv.wait()
+            ticket = self._tickets.pop(seq, 0)
+        try:
+            self.dirty.sync(ticket)
+        except OSError as exc:
+            raise NotPersisted(errno.EIO, f"op {seq} not replicated and the dirty map could not"
+                               f" be persisted ({exc}): check the state directory's disk") from exc
+
+    # ---------------------------------------------------------------- connection management
+    def connect(self, timeout: float | None = None) -> Hello:
+        """Connect, authenticate and exchange hellos; return the peer's hello. The stream is then
+        RESYNCING: run the resync the generations call for, then try_mark_in_sync()."""
+        t = self.timeout if timeout is None else timeout
+        sock = tls.connect(self.address, self.ctx, self.peer, t)
+        try:
+            hello = Hello(self.node, self.module, self.generations())
+            sock.sendall(wire.encode_frame(FrameType.HELLO, 0, hello.encode()))
+            reader = wire.FrameReader(sock)
+            frame = reader.read()
+            if frame.type != FrameType.HELLO:
+                raise wire.WireError(f"expected HELLO, got {frame.type.name}")
+            answer = wire.decode_hello(frame.payload)
+            if answer.node != self.peer or answer.module != self.module:
+                raise PeerRefused(f"peer says it is {answer.node}/{answer.module}")
+            if not answer.accept:
+                raise PeerRefused(f"peer refused the session: {answer.reason}")
+        except wire.WireError as exc:
+            sock.close()
+            raise PeerRefused(f"peer {self.peer} ended the session before its hello ({exc}): "
+                              "does it accept this node's certificate and name?") from exc
+        except BaseException:
+            sock.close()
+            raise
+        sock.timeout = min(1.0, self.timeout)
+        with self._cv:
+            if self._sock is not None:
+                sock.close()
+                raise StreamDown("already connected: detach() first")
+            self._sock, self._conn = sock, self._conn + 1
+            self.mode, self.in_sync, self.last_error = Mode.RESYNCING, False, ""
+            self._progress_at = time.monotonic()
+            conn = self._conn
+        rx = threading.Thread(target=self._recv_loop, args=(sock, reader, conn), daemon=True,
+                              name="hvha-stream-recv")
+        self._threads = [t for t in self._threads if t.is_alive()] + [rx]
+        rx.start()
+        self._notify(Mode.RESYNCING, "connected")
+        return answer
+
+    def try_mark_in_sync(self) -> bool:
+        """Switch the peer to strict mode; if nothing is dirty any more, the pair is in sync
+        (CONNECTED) and True is returned; else the peer goes back to tolerant mode."""
+        self.query({"q": "strict", "on": True})
+        if self.dirty.is_clean():
+            with self._cv:
+                if self.mode is Mode.RESYNCING:
+                    self.mode, self.in_sync = Mode.CONNECTED, True
+            self._notify(Mode.CONNECTED, "in sync")
+            return self.in_sync
+        self.query({"q": "strict", "on": False})
+        return False
+
+    def detach(self, reason: str = "detached by the operator") -> None:
+        with self._cv:
+            conn = self._conn
+        self._fail(conn, reason)
+
+    def close(self) -> None:
+        self.detach("stream closed")
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._sender.join(timeout=10)
+        for t in self._threads:
+            t.join(timeout=10)
+
+    def status(self) -> StreamStatus:
+        with self._cv:
+            prog = self.resync_progress
+            return StreamStatus(self.mode, self.in_sync, self.bytes_sent, len(self._pending),
+                                self.acked, self.last_error,
+                                prog.snapshot() if prog is not None else None)
+
+    # ---------------------------------------------------------------- queries (for the resync)
+    def query_async(self, request: dict[str, Any]) -> Future[bytes]:
+        fut: Future[bytes] = Future()
+        with self._cv:
+            if self.mode is Mode.ALONE:
+                raise StreamDown(f"peer not connected: {self.last_error}")
+            qid = self._next_qid
+            self._next_qid += 1
+            self._queries[qid] = fut
+            self._queue.append((qid, wire.encode_json(request)))
+            self._cv.notify_all()
+        return fut
+
+    def query(self, request: dict[str, Any]) -> bytes:
+        """Send a query in order with the ops, return the answer's body (raises StreamDown,
+        or OSError with the peer's message when the peer could not answer)."""
+        fut = self.query_async(request)
+        self._flush()
+        return unwrap(fut.result(timeout=self.timeout * 6))
+
+    # ---------------------------------------------------------------- internals
+    def _notify(self, mode: Mode, why: str) -> None:
+        if self.on_mode is not None:
+            try:
+                self.on_mode(mode, why)
+            except Exception:  # a listener must never break the stream
+                log.exception("replication: mode listener failed")
+
+    def _fail(self, conn: int, reason: str) -> None:
+        with self._cv:
+            if conn != self._conn or self.mode is Mode.ALONE:
+                return
+            log.warning("replication %s: peer %s lost (%s): ALONE, recording dirty zones",
+                        self.module, self.peer, reason)
+            self.mode, self.in_sync, self.last_error = Mode.ALONE, False, reason
+            for seq in self._order_q:
+                self._tickets[seq] = max(self.dirty.record(self._pending[seq]),
+                                         self._tickets.get(seq, 0))
+            self._pending.clear()
+            self._order_q.clear()
+            self._queue.clear()
+            for fut in self._queries.values():
+                fut.set_exception(StreamDown(f"peer lost: {reason}"))
+            self._queries.clear()
+            sock, self._sock = self._sock, None
+            self._conn += 1
+            self._cv.notify_all()
+        if sock is not None:
+            sock.shutdown()
+        self._notify(Mode.ALONE, reason)
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not (self._queue and self._sock is not None):
+                    self._cv.wait()
+                if self._closed:
+                    return
+            self._flush()
+
+    def _flush(self) -> None:
+        with self._send_lock:
+            with self._cv:
+                if not self._queue or self._sock is None:
+                    return
+                batch = list(self._queue)
+                self._queue.clear()
+                sock, conn = self._sock, self._conn
+                if len(self._pending) + len(self._queries) == len(batch):  # was idle
+                    self._progress_at = time.monotonic()
+            small: list[bytes] = []
+            size = 0
+            try:
+                for key, item in batch:
+                    if isinstance(item, bytes):
+                        parts = [wire.header(FrameType.QUERY, key, len(item)), item]
+                    else:
+                        parts = wire.op_frame_parts(key, item)
+                    for p in parts:
+                        if len(p) >= 65536:
+                            if small:
+                                sock.sendall(b"".join(small))
+                                small.clear()
+                            sock.sendall(p)
+                        else:
+                            small.append(p)
+                        size += len(p)
+                    if len(small) > 256:
+                        sock.sendall(b"".join(small))
+                        small.clear()
+                if small:
+                    sock.sendall(b"".join(small))
+            except (OSError, wire.WireError) as exc:
+                self._fail(conn, f"send failed: {exc}")
+                return
+            with self._cv:
+                self.bytes_sent += size
+
+    def _recv_loop(self, sock: tls.Channel, reader: wire.FrameReader, conn: int) -> None:
+        try:
+            while True:
+                try:
+                    frame = reader.read()
+                except TimeoutError:
+                    with self._cv:
+                        if conn != self._conn:
+                            return
+                        busy = self._pending or self._queries
+                        if busy and time.monotonic() - self._progress_at > self.timeout:
+                            raise TimeoutError(f"no answer for {self.timeout:g} s") from None
+                    continue
+                self._handle(frame, conn)
+        except (OSError, wire.WireError) as exc:
+            self._fail(conn, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        finally:
+            sock.close()
+
+    def _ack(self, upto: int) -> None:
+        while self._order_q and self._order_q[0] <= upto:
+            del self._pending[self._order_q.popleft()]
+        self.acked = max(self.acked, upto)
+        self._progress_at = time.monotonic()
+        self._cv.notify_all()
+
+    def _handle(self, frame: wire.Frame, conn: int) -> None:
+        with self._cv:
+            if conn != self._conn:
+                raise wire.ConnectionClosed("stale connection")
+            if frame.type == FrameType.ACK:
+                self._ack(frame.seq)
+            elif frame.type == FrameType.REPLY:
+                fut = self._queries.pop(frame.seq, None)
+                self._progress_at = time.monotonic()
+                if fut is not None:
+                    fut.set_result(frame.payload)
+            elif frame.type == FrameType.SKIPPED:
+                op = self._pending.get(frame.seq)
+                if op is not None:
+                    self._tickets[frame.seq] = self.dirty.record(op)
+            elif frame.type == FrameType.NACK:
+                err, msg = wire.decode_nack(frame.payload)
+                self._ack(frame.seq - 1)
+                raise OSError(err, f"secondary failed op {frame.seq}: {msg}")
+            elif frame.type == FrameType.ERROR:
+                raise wire.WireError(f"secondary: {frame.payload.decode(errors='replace')}")
+            else:
+                raise wire.WireError(f"unexpected {frame.type.name} frame from the secondary")
+
+
+def unwrap(reply: bytes) -> bytes:
+    """A REPLY payload -> its body, or OSError with the peer's message."""
+    if reply[:1] == b"\0":
+        return reply[1:]
+    raise OSError(errno.EIO, f"peer could not answer: {reply[1:].decode(errors='replace')}")

@@ -1,0 +1,344 @@
+"""The replication engine over real mutual TLS on loopback: a Stream (primary) and an Applier
+(secondary) replicating one directory into another in this process.
+
+Covers: random op sequences (renames over existing files, hard links, truncate, punch hole,
+100 files) leave byte-equal trees after a barrier; losing the applier mid-stream puts the
+primary ALONE with every unacknowledged op in the dirty map, and the resync after reconnecting
+makes the trees equal again; a full disk on the secondary makes the primary go ALONE and never
+report the failed op as replicated; wrong CA, wrong node name and plaintext are refused; the
+read-only guard keeps apps on the secondary from writing its copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import socket
+import ssl
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from hvha.replication import blocks, ops, tls
+from hvha.replication.applier import Applier, TreeWriter, read_only_guard
+from hvha.replication.dirty import DirtyStore
+from hvha.replication.stream import Mode, Stream
+
+PUNCH = blocks.FALLOC_FL_PUNCH_HOLE | blocks.FALLOC_FL_KEEP_SIZE
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tls.NodeCreds]:
+    base = tmp_path_factory.mktemp("pki")
+    tls.create_ca(base / "ca")
+    tls.create_ca(base / "other-ca")
+    return {"node1": tls.issue_node_cert(base / "ca", "node1", base / "n1"),
+            "node2": tls.issue_node_cert(base / "ca", "node2", base / "n2"),
+            "node3": tls.issue_node_cert(base / "ca", "node3", base / "n3"),
+            "rogue": tls.issue_node_cert(base / "other-ca", "node1", base / "rogue")}
+
+
+@dataclass
+class Pair:
+    """A primary directory with its Stream and local applier, a secondary with its Applier."""
+
+    prim: Path
+    sec: Path
+    state: Path
+    certs: dict[str, tls.NodeCreds]
+    stream: Stream
+    applier: Applier
+    local: TreeWriter
+    dirty: DirtyStore
+
+    def do(self, op: ops.Op) -> int:
+        """What the FUSE layer does: apply locally and enqueue under the lock, then wait."""
+        with self.stream.ordered():
+            self.local.apply(op)
+            seq = self.stream.enqueue(op)
+        self.stream.wait(seq)
+        return seq
+
+    def new_applier(self) -> Applier:
+        self.applier = Applier(self.sec, node="node2", peer="node1", module="m",
+                               ctx=tls.server_context(self.certs["node2"]))
+        self.applier.start()
+        self.stream.address = self.applier.address
+        return self.applier
+
+    def close(self) -> None:
+        self.stream.close()
+        self.applier.close()
+        self.local.close()
+        self.dirty.close()
+
+
+@contextlib.contextmanager
+def make_pair(tmp: Path, certs: dict[str, tls.NodeCreds], sec: Path | None = None,
+              timeout: float = 5.0) -> Iterator[Pair]:
+    prim = tmp / "prim"
+    prim.mkdir()
+    if sec is None:
+        sec = tmp / "sec"
+        sec.mkdir()
+    applier = Applier(sec, node="node2", peer="node1", module="m",
+                      ctx=tls.server_context(certs["node2"]))
+    applier.start()
+    dirty = DirtyStore(tmp / "state", zone_size=64 * 1024)
+    stream = Stream(node="node1", peer="node2", module="m", address=applier.address,
+                    ctx=tls.client_context(certs["node1"]), dirty=dirty, timeout=timeout)
+    pair = Pair(prim, sec, tmp / "state", certs, stream, applier, TreeWriter(prim), dirty)
+    try:
+        yield pair
+    finally:
+        pair.close()
+
+
+def tree_digest(root: Path) -> dict[str, tuple[object, ...]]:
+    """Everything replication must preserve: kind, mode, owner, content, link target, and
+    which names share an inode."""
+    out: dict[str, tuple[object, ...]] = {}
+    inodes: dict[int, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            s = p.lstat()
+            if stat.S_ISLNK(s.st_mode):
+                out[rel] = ("l", os.readlink(p))
+            elif stat.S_ISDIR(s.st_mode):
+                out[rel] = ("d", stat.S_IMODE(s.st_mode), s.st_uid)
+            else:
+                first = inodes.setdefault(s.st_ino, rel) if s.st_nlink > 1 else rel
+                out[rel] = ("f", stat.S_IMODE(s.st_mode), s.st_uid, s.st_size,
+                            hashlib.sha256(p.read_bytes()).hexdigest(), first)
+    return out
+
+
+def random_ops(pair: Pair, rng: random.Random, n: int, files: int = 100) -> None:
+    names = [f"d{i % 5}/f{i}" for i in range(files)]
+    for d in range(5):
+        pair.do(ops.Mkdir(f"d{d}", 0o755))
+    existing: set[str] = set()
+    for name in names:
+        pair.do(ops.Create(name, 0o644))
+        pair.do(ops.Write(name, 0, rng.randbytes(rng.randrange(1, 200_000))))
+        existing.add(name)
+    for _ in range(n):
+        live = sorted(existing)
+        a = rng.choice(live)
+        k = rng.random()
+        if k < 0.35:
+            data = rng.randbytes(rng.randrange(1, 70_000))
+            pair.do(ops.Write(a, rng.randrange(0, 300_000), data))
+        elif k < 0.45:
+            pair.do(ops.Truncate(a, rng.randrange(0, 250_000)))
+        elif k < 0.55:
+            pair.do(ops.Fallocate(a, PUNCH, rng.randrange(0, 100_000), rng.randrange(1, 100_000)))
+        elif k < 0.65:  # rename over an existing file
+            b = rng.choice(live)
+            if a != b:
+                pair.do(ops.Rename(a, b))
+                existing.discard(a)
+        elif k < 0.72:
+            new = f"d{rng.randrange(5)}/l{rng.randrange(10**6)}"
+            pair.do(ops.Link(a, new))
+            existing.add(new)
+        elif k < 0.78:
+            pair.do(ops.Unlink(a))
+            existing.discard(a)
+        elif k < 0.85:
+            pair.do(ops.Chmod(a, rng.choice([0o600, 0o640, 0o755])))
+        elif k < 0.9:
+            pair.do(ops.Symlink(f"../{a}", f"d{rng.randrange(5)}/s{rng.randrange(100)}"))
+        else:
+            new = f"d{rng.randrange(5)}/n{rng.randrange(10**6)}"
+            pair.do(ops.Create(new, 0o600))
+            pair.do(ops.Write(new, 4096, b"x" * 5000))
+            existing.add(new)
+        if len(existing) < 10:
+            break
+
+
+def test_random_ops_leave_equal_trees(tmp_path: Path, certs: dict[str, tls.NodeCreds]) -> None:
+    with make_pair(tmp_path, certs) as pair:
+        pair.stream.connect()
+        assert pair.stream.try_mark_in_sync()
+        random_ops(pair, random.Random(7), 400)
+        pair.do(ops.Fsync(None))
+        st = pair.stream.status()
+        assert st.mode is Mode.CONNECTED and st.in_sync and st.ops_in_flight == 0
+        assert pair.dirty.is_clean(), "nothing may be recorded dirty while connected"
+        assert tree_digest(pair.prim) == tree_digest(pair.sec)
+        assert len(tree_digest(pair.sec)) > 100
+
+
+def test_concurrent_writers_keep_local_and_remote_order(tmp_path: Path,
+                                                        certs: dict[str, tls.NodeCreds]) -> None:
+    import threading
+    with make_pair(tmp_path, certs) as pair:
+        pair.stream.connect()
+        pair.stream.try_mark_in_sync()
+        pair.do(ops.Create("shared", 0o644))
+
+        def writer(k: int) -> None:
+            rng = random.Random(k)
+            for _ in range(200):  # overlapping writes: the last one must win on both sides
+                pair.do(ops.Write("shared", rng.randrange(0, 64) * 1000, bytes([k]) * 3000))
+        threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        pair.do(ops.Fsync("shared"))
+        assert (pair.prim / "shared").read_bytes() == (pair.sec / "shared").read_bytes()
+
+
+def test_losing_the_applier_goes_alone_records_dirty_and_resyncs(
+        tmp_path: Path, certs: dict[str, tls.NodeCreds]) -> None:
+    with make_pair(tmp_path, certs, timeout=2.0) as pair:
+        pair.stream.connect()
+        pair.stream.try_mark_in_sync()
+        rng = random.Random(3)
+        random_ops(pair, rng, 50, files=30)
+        pair.applier.close()  # the secondary dies mid-stream
+        data = rng.randbytes(300_000)
+        pair.do(ops.Write("d1/f1" if (pair.prim / "d1/f1").exists() else "d0/f0", 10, data))
+        pair.do(ops.Mkdir("alone", 0o700))
+        pair.do(ops.Create("alone/new", 0o600))
+        pair.do(ops.Write("alone/new", 0, data))
+        st = pair.stream.status()
+        assert st.mode is Mode.ALONE and not st.in_sync
+        assert not pair.dirty.is_clean()
+        # the record survives a crash of the primary: reload it from disk
+        reloaded = DirtyStore(pair.state, zone_size=64 * 1024)
+        assert "alone" in reloaded.snapshot().paths
+        reloaded.close()
+        assert tree_digest(pair.prim) != tree_digest(pair.sec)
+        pair.new_applier()
+        pair.stream.connect()
+        assert pair.stream.mode is Mode.RESYNCING
+        stats = blocks.resync(pair.stream, pair.prim, pair.dirty, full=False)
+        pair.do(ops.Fsync(None))
+        assert pair.stream.status().in_sync and pair.dirty.is_clean()
+        assert tree_digest(pair.prim) == tree_digest(pair.sec)
+        assert stats.sent_bytes < 3 * len(data) + 200_000, "incremental resync sent too much"
+
+
+def test_full_disk_on_the_secondary_goes_alone(tmp_path: Path,
+                                               certs: dict[str, tls.NodeCreds]) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    sec = tmp_path / "sec"
+    sec.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(sec)], check=True)
+    try:
+        with make_pair(tmp_path, certs, sec=sec) as pair:
+            pair.stream.connect()
+            pair.stream.try_mark_in_sync()
+            pair.do(ops.Create("big", 0o644))
+            last = 0
+            for i in range(8):  # 2 MiB into a 1 MiB file system
+                last = pair.do(ops.Write("big", i * 262144, os.urandom(262144)))
+            st = pair.stream.status()
+            assert st.mode is Mode.ALONE and "No space left" in st.last_error
+            assert st.acked_seq < last, "the failed write was reported as replicated"
+            zones = pair.dirty.snapshot().zones["big"]
+            assert max(zones) * 65536 >= 1 << 20, "the unreplicated zones were not recorded"
+    finally:
+        subprocess.run(["umount", "-l", str(sec)], check=False)
+
+
+def _connect_fails(stream: Stream) -> Exception:
+    with pytest.raises((ssl.SSLError, OSError, ConnectionError)) as info:
+        stream.connect(timeout=3)
+    return info.value
+
+
+def test_wrong_ca_wrong_name_and_plaintext_are_refused(tmp_path: Path,
+                                                       certs: dict[str, tls.NodeCreds]) -> None:
+    with make_pair(tmp_path, certs) as pair:
+        addr = pair.applier.address
+        dirty = pair.dirty
+        for creds, peer in ((certs["rogue"], "node2"),   # a "node1" from another CA
+                            (certs["node3"], "node2"),   # right CA, wrong node
+                            (certs["node1"], "node3")):  # the server is not the expected peer
+            s = Stream(node=creds.node, peer=peer, module="m", address=addr,
+                       ctx=tls.client_context(creds), dirty=dirty, timeout=3)
+            try:
+                _connect_fails(s)
+                assert s.mode is Mode.ALONE
+            finally:
+                s.close()
+        with socket.create_connection(addr, timeout=3) as raw:  # plaintext
+            raw.sendall(b"\x02" + bytes(15) + b"GET / HTTP/1.0\r\n\r\n")
+            raw.settimeout(3)
+            with contextlib.suppress(OSError):
+                while raw.recv(4096):
+                    pass
+        time.sleep(0.2)
+        assert pair.applier.sessions == 0
+        assert os.listdir(pair.sec) == []
+        pair.stream.connect()  # the right peer still gets in
+        assert pair.applier.sessions == 1
+
+
+def test_read_only_guard_keeps_apps_out(tmp_path: Path, certs: dict[str, tls.NodeCreds]) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for bind mounts")
+    with make_pair(tmp_path, certs) as pair:
+        guard = read_only_guard(pair.sec)  # after the applier opened its directory fd
+        try:
+            with pytest.raises(OSError) as info:
+                (pair.sec / "app-write").write_text("no")
+            assert info.value.errno == 30  # EROFS
+            pair.stream.connect()
+            pair.do(ops.Create("replicated", 0o644))
+            pair.do(ops.Write("replicated", 0, b"yes"))
+            assert (pair.sec / "replicated").read_bytes() == b"yes"
+        finally:
+            guard.release()
+
+
+def test_unsafe_paths_are_never_applied(tmp_path: Path) -> None:
+    (tmp_path / "root").mkdir()
+    (tmp_path / "outside").mkdir()
+    os.symlink(tmp_path / "outside", tmp_path / "root" / "link")
+    t = TreeWriter(tmp_path / "root")
+    try:
+        for op in (ops.Create("../escape", 0o644), ops.Create("/abs", 0o644)):
+            with pytest.raises(ValueError):
+                t.apply(op)
+        with pytest.raises(OSError):  # a symlink component is not followed
+            t.apply(ops.Create("link/escape", 0o644))
+        assert os.listdir(tmp_path / "outside") == []
+    finally:
+        t.close()
+
+
+def test_alone_wait_fails_when_the_dirty_map_cannot_be_persisted(
+        tmp_path: Path, certs: dict[str, tls.NodeCreds]) -> None:
+    dirty = DirtyStore(tmp_path / "state", zone_size=4096)
+    stream = Stream(node="node1", peer="node2", module="m", address=("127.0.0.1", 9),
+                    ctx=tls.client_context(certs["node1"]), dirty=dirty)
+    try:
+        with stream.ordered():
+            seq = stream.enqueue(ops.Write("f", 0, b"x"))
+        stream.wait(seq)  # ALONE: recorded and persisted
+        os.close(dirty._fd)
+        dirty._fd = os.open(tmp_path / "state" / "dirty.log", os.O_RDONLY)  # the disk fails
+        with stream.ordered():
+            seq = stream.enqueue(ops.Write("f", 1 << 20, b"y"))
+        with pytest.raises(OSError) as info:
+            stream.wait(seq)
+        assert info.value.errno == 5  # EIO for the application
+    finally:
+        stream.close()
+        dirty.close()
