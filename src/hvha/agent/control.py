@@ -3,7 +3,9 @@
 Local only, by design: the CLI on the node (or `hvha apply` through SSH) talks to it; nothing
 is exposed on the network. Requests: ``{"cmd": "status"}``, ``{"cmd": "swap", "module": "web"}``
 (also start, stop, prim, second, restart), ``{"cmd": "checkers"|"failover", "module": m,
-"on": bool}``. A module command answers once the module has handled it (or after ``wait``).
+"on": bool}``, ``{"cmd": "reload"}`` (load the bundle file again: see
+:meth:`hvha.agent.daemon.Agent.reload` for the reply). A module command answers once the module
+has handled it (or after ``wait``).
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from hvha.agent.fsm import Ev
+
+log = logging.getLogger("hvha.agent")
 
 COMMANDS = {"start": Ev.CMD_START, "stop": Ev.CMD_STOP, "prim": Ev.CMD_PRIM,
             "second": Ev.CMD_SECOND, "swap": Ev.CMD_SWAP, "restart": Ev.CMD_RESTART}
@@ -67,6 +72,14 @@ class ControlServer:
         cmd = request["cmd"]
         if cmd == "status":
             return {"ok": True, "status": self.agent.status()}
+        if cmd == "reload":
+            try:
+                reply: dict[str, Any] = await self.agent.reload()
+            except Exception as exc:  # the agent runs on: say so rather than hang up
+                log.exception("reload failed")
+                return {"ok": False, "error": f"reload failed: {type(exc).__name__}: {exc} "
+                        "(see the agent's log)"}
+            return reply
         module = request.get("module")
         runtime = self.agent.modules.get(module)
         if runtime is None:

@@ -1,6 +1,6 @@
 """Build each module's ports (payload driver, VIP, checkers, replication) and the witness port
 from a bundle's agent configuration. The only place that knows which concrete driver serves
-which module kind.
+which module kind. Also the agent's end of the dead-agent guard (:class:`GuardPipe`).
 """
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +115,69 @@ class PendingReplication(NoReplication):
         self.marker.touch()
 
 
+class GuardPipe:
+    """The pipe to the dead-agent guard (agent/guard.py), told which payloads may run.
+
+    A guard reads the bundle's agent.json once, so a reload starts a new one (:meth:`renew`).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.armed: set[str] = set()
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "hvha.agent.guard", str(self.root)], stdin=subprocess.PIPE,
+            start_new_session=True)
+
+    def set(self, module: str, armed: bool) -> None:
+        """The runtimes' ``guard`` callback: arm before a payload may run, disarm after."""
+        if (module in self.armed) == armed or self._proc is None:
+            return
+        (self.armed.add if armed else self.armed.discard)(module)
+        if not self._tell(f"{'arm' if armed else 'disarm'} {module}"):
+            log.error("the dead-agent guard is gone: restarting it")
+            self._arm_new()
+
+    def renew(self) -> subprocess.Popen[bytes] | None:
+        """Start a guard for the bundle now at ``root``, armed like the running one; return
+        the old one, for :meth:`stop` once the new one runs."""
+        old = self._proc
+        if old is not None:
+            self._arm_new()
+        return old
+
+    def _arm_new(self) -> None:
+        self.start()
+        for name in sorted(self.armed):
+            self._tell(f"arm {name}")
+
+    def _tell(self, line: str) -> bool:
+        stdin = self._proc.stdin if self._proc is not None else None
+        try:
+            assert stdin is not None
+            stdin.write(line.encode() + b"\n")
+            stdin.flush()
+        except OSError:
+            return False
+        return True
+
+    def stop(self, proc: subprocess.Popen[bytes] | None = None) -> None:
+        """Orderly exit of ``proc`` (default: the current guard): it fences nothing."""
+        proc = proc or self._proc
+        if proc is None or proc.stdin is None:
+            return
+        with contextlib.suppress(OSError):
+            proc.stdin.write(b"exit\n")
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Ports:
     def __init__(self, root: Path, config: dict[str, Any], state_dir: Path) -> None:
         self.root = root
@@ -135,7 +200,9 @@ class Ports:
         name = m["name"]
 
         def on_event(event: Any) -> None:
-            runtime = agent.modules[name]
+            runtime = agent.modules.get(name)
+            if runtime is None:  # removed by a reload while a probe was in flight
+                return
             if event.action == "wait":
                 runtime.post(Ev.RESOURCE_UP if event.ok else Ev.RESOURCE_DOWN,
                              action=event.name, detail=event.detail)

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -109,6 +109,7 @@ class ModuleRuntime:
         self.last_error = ""
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._busy = asyncio.Lock()  # held while an event is handled, or by `paused()`
 
     # -- events --------------------------------------------------------------------------
     def post(self, kind: Ev, **fields: Any) -> None:
@@ -133,7 +134,8 @@ class ModuleRuntime:
         while True:
             event = await self._queue.get()
             try:
-                await self._handle(event)
+                async with self._busy:
+                    await self._handle(event)
             except Exception as exc:
                 self.errors += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
@@ -197,6 +199,71 @@ class ModuleRuntime:
         except Exception as exc:
             self.last_error = str(exc)
             self.post(Ev.PAYLOAD_FAILED, action="restart", detail=f"start failed: {exc}")
+
+    # -- reload: new ports under a running state machine ----------------------------------
+    @contextlib.asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        """Hold event handling (after the event in progress) while the ports are swapped.
+        Events posted meanwhile queue up and are handled afterwards."""
+        async with self._busy:
+            yield
+
+    async def leave_ports(self, *, restart: bool, vip: bool) -> bool:
+        """Reload, phase 1 (inside :meth:`paused`, the old bundle still in place): on a
+        primary, stop the checkers, the payload if it restarts (with the old scripts) and the
+        VIP if it changes. False if the payload may still run (its stop failed)."""
+        if not self.state.role.primary:
+            return True
+        if self.checkers is not None:
+            await self.checkers.stop()
+        ok = True
+        if restart:
+            log.info("module %s: the payload's settings changed: restarting it", self.name)
+            try:
+                await self.payload.stop(fence=False)
+            except Exception as exc:
+                self.last_error = f"reload: stopping the payload failed: {exc}"
+                log.error("module %s: %s", self.name, self.last_error)
+                ok = False
+        if vip and self.vip is not None:
+            try:
+                await self.vip.remove()
+            except Exception as exc:
+                self.last_error = f"reload: removing the old VIP failed: {exc}"
+                log.error("module %s: %s", self.name, self.last_error)
+        return ok
+
+    async def take_ports(self, policy: Policy, payload: Payload, vip: VipPort | None,
+                         checkers: CheckerPort | None, replicator: Replicator | None, *,
+                         restart: bool, vip_changed: bool, stopped: bool) -> None:
+        """Reload, phase 2 (inside :meth:`paused`, the new bundle in place): use the new ports
+        and policy, keeping state and history. On a primary, add the new VIP if it changed,
+        start the payload if it was stopped for the change (``stopped``; if its stop failed,
+        the state machine restarts it under its budget) and start the new checkers."""
+        old = self.checkers
+        if old is not None:
+            await old.stop()
+            if checkers is not None:
+                checkers.enabled = old.enabled  # a maintenance switch survives the reload
+        self.policy, self.payload, self.vip, self.checkers = policy, payload, vip, checkers
+        if replicator is not None:
+            self.replicator = replicator
+        if not self.state.role.primary:
+            return
+        if vip_changed and vip is not None:
+            try:
+                await vip.add()
+            except Exception as exc:
+                self.last_error = f"reload: adding the new VIP failed: {exc}"
+                log.error("module %s: %s", self.name, self.last_error)
+        if restart and stopped:
+            if replicator is not None:
+                await replicator.become_primary()
+            await self._start_payload()
+        elif restart:
+            self.post(Ev.PAYLOAD_FAILED, action="restart", detail=self.last_error)
+        if checkers is not None:
+            checkers.start()
 
     # -- views ---------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:

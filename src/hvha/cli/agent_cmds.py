@@ -1,5 +1,6 @@
-"""Node-side commands: `hvha agent`, `hvha status`, `hvha state`, and the module commands
-(`start`, `stop`, `restart`, `prim`, `second`, `swap`, `checker on|off`, `failover on|off`).
+"""Node-side commands: `hvha agent`, `hvha status`, `hvha state`, `hvha reload`, and the module
+commands (`start`, `stop`, `restart`, `prim`, `second`, `swap`, `checker on|off`,
+`failover on|off`).
 
 The operator commands talk to the local agent over its control socket
 (``--socket``, ``$HVHA_SOCKET``, default ``/var/lib/hvha/control.sock``).
@@ -20,6 +21,7 @@ from typing import Any
 
 from hvha.cli.errors import UserError
 
+log = logging.getLogger("hvha.agent")
 DEFAULT_STATE = "/var/lib/hvha"
 COLOURS = {"STOP": "red", "WAIT": "dark_orange", "ALONE": "green", "PRIM": "green",
            "SECOND": "green"}
@@ -43,6 +45,16 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("reload", help="load the agent's bundle file again, without a restart",
+                       description="Apply a new bundle (pushed to the path the agent was started "
+                       "with) in place: added modules start, removed ones stop, changed ones "
+                       "keep running unless their payload settings changed. Exit 0 when "
+                       "applied, 2 when the change needs a service restart (heartbeat, "
+                       "witness, node, peer, cluster or replication settings), 1 on error.")
+    _socket_arg(p)
+    p.add_argument("--json", action="store_true", help="print the agent's reply as JSON")
+    p.set_defaults(func=cmd_reload)
 
     p = sub.add_parser("state", help="exit with the module's state (STOP 0 ... SECOND 4)")
     _socket_arg(p)
@@ -69,7 +81,8 @@ def register(sub: Any) -> None:
         p.set_defaults(func=cmd_switch, command="checkers" if name == "checker" else name)
 
 
-def _call(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any]:
+def _call(args: argparse.Namespace, request: dict[str, Any], *,
+          check: bool = True) -> dict[str, Any]:
     from hvha.agent.control import call
 
     path = Path(args.socket)
@@ -80,7 +93,9 @@ def _call(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any]:
                         "(use --socket or $HVHA_SOCKET)") from None
     except (ConnectionRefusedError, OSError) as exc:
         raise UserError(f"cannot reach the agent at {path}: {exc}") from None
-    if not reply.get("ok"):
+    except ValueError:
+        raise UserError(f"the agent at {path} hung up without a reply: see its log") from None
+    if check and not reply.get("ok"):
         raise UserError(str(reply.get("error", "the agent refused the request")))
     return reply
 
@@ -105,7 +120,22 @@ def cmd_agent(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         agent = Agent(root, config, state, secret, Ports(root, config, state),
-                      witness_for(config, secret, state))
+                      witness_for(config, secret, state), source=Path(args.bundle).absolute())
+        reloads: set[asyncio.Task[None]] = set()
+
+        async def reload() -> None:  # SIGHUP: as `hvha reload`, the outcome goes to the log
+            reply = await agent.reload()
+            if reply.get("ok"):
+                log.info("SIGHUP reload: %s", _reload_summary(reply))
+            else:
+                log.error("SIGHUP reload: %s", reply.get("error"))
+
+        def on_hup() -> None:
+            task = asyncio.create_task(reload(), name="reload")
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
         await agent.run(stop)
 
     asyncio.run(main())
@@ -173,3 +203,25 @@ def cmd_switch(args: argparse.Namespace) -> int:
     reply = _call(args, {"cmd": args.command, "module": args.module, "on": args.switch == "on"})
     print(f"{reply['module']['module']}: {args.command} {args.switch}")
     return 0
+
+
+def _reload_summary(reply: dict[str, Any]) -> str:
+    if reply.get("message"):
+        return f"bundle {str(reply.get('bundle'))[:12]}: {reply['message']}"
+    parts = [f"{key} {', '.join(reply[key])}" for key in ("added", "removed", "changed",
+                                                          "restarted") if reply.get(key)]
+    what = "; ".join(parts) or "no module change"
+    return f"bundle {str(reply.get('bundle'))[:12]} loaded: {what}"
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    reply = _call(args, {"cmd": "reload"}, check=False)
+    if args.json:
+        sys.stdout.write(json.dumps(reply, indent=2, sort_keys=True) + "\n")
+    elif reply.get("ok"):
+        print(_reload_summary(reply))
+    if reply.get("ok"):
+        return 0
+    if not args.json:
+        sys.stderr.write(f"hvha: error: {reply.get('error', 'the agent refused the reload')}\n")
+    return 2 if reply.get("restart_required") else 1
