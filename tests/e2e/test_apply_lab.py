@@ -165,6 +165,17 @@ def test_apply_reconcile_destroy(lab: Lab) -> None:
     assert "converged" in fixed.stdout
     _wait_roles(lab, {"node1": "PRIM", "node2": "SECOND"})
     assert _client(lab) == "node1"
+    # drift 3: the VIP deleted on the primary, a script of its running bundle edited
+    lab.exec("node1", ["ip", "addr", "del", str(lab.vip), "dev", "eth0"]).wait(timeout=10)
+    script = lab.node_path("node1", "/var/lib/hvha/bundle/modules/web/start_prim.sh")
+    original = script.read_bytes()
+    script.write_bytes(original + b"\necho edited by hand\n")
+    fixed = _hvha("reconcile", cluster, "--once")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert "drift on node1: vip/web" in fixed.stdout
+    assert "files of the running bundle were edited" in fixed.stdout
+    assert script.read_bytes() == original
+    assert _client(lab) == "node1"
     again = _hvha("reconcile", cluster, "--once")
     assert again.returncode == 0 and "in sync: no changes" in again.stdout, again.stdout
 

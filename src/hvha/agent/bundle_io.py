@@ -226,3 +226,17 @@ def compare(old: Mapping[str, Any], old_digests: Mapping[str, str], new: Mapping
             replication=a.get("replicated") != b.get("replicated")))
     return ReloadPlan(sections, tuple(n for n in want if n not in have),
                       tuple(n for n in have if n not in want), tuple(changed))
+
+
+def edited_files(root: Path, digests: dict[str, str]) -> list[str]:
+    """Files of the extracted bundle at ``root`` that no longer match ``digests`` (edited or
+    deleted on the node since extraction): drift that a reload repairs by extracting again."""
+    bad = []
+    for rel, digest in sorted(digests.items()):
+        try:
+            ok = hashlib.sha256((root / rel).read_bytes()).hexdigest() == digest
+        except OSError:
+            ok = False
+        if not ok:
+            bad.append(rel)
+    return bad

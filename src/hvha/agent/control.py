@@ -72,6 +72,9 @@ class ControlServer:
         cmd = request["cmd"]
         if cmd == "status":
             return {"ok": True, "status": self.agent.status()}
+        if cmd == "repair":
+            repaired: dict[str, Any] = await self.agent.repair()
+            return repaired
         if cmd == "reload":
             try:
                 reply: dict[str, Any] = await self.agent.reload()

@@ -29,6 +29,7 @@ from hvha.agent.bundle_io import (
     commit,
     compare,
     discard,
+    edited_files,
     extract,
     load_bundle,
     running_digests,
@@ -258,6 +259,23 @@ class Agent:
         return running_hash(self.root)
 
     # -- reload --------------------------------------------------------------------------
+    async def repair(self) -> dict[str, Any]:
+        """Put each VIP where the module's role says (drift found by `hvha plan`): on a primary
+        that lost it, add and announce it; on a node that is not primary, remove it."""
+        fixed = []
+        for name, runtime in self.modules.items():
+            vip = runtime.vip
+            if vip is None:
+                continue
+            present, primary = await vip.present(), runtime.state.role.primary
+            if primary and not present:
+                await vip.add()
+                fixed.append(f"{name}: VIP added")
+            elif not primary and present:
+                await vip.remove()
+                fixed.append(f"{name}: VIP removed")
+        return {"ok": True, "repaired": fixed}
+
     async def reload(self) -> dict[str, Any]:
         """Read the bundle file again and apply its module changes in place (module doc).
 
@@ -284,7 +302,14 @@ class Agent:
                     f"agent keeps running bundle {str(running)[:12]})"}
         none: list[str] = []
         if new.hash == running:
-            return {"ok": True, "bundle": running, "message": "no change", "added": none,
+            edited = await asyncio.to_thread(edited_files, self.root, new.digests)
+            message = "no change"
+            if edited:  # drift: restore the files the scripts run from
+                tmp = await asyncio.to_thread(extract, new, self.state_dir)
+                self.root = await asyncio.to_thread(commit, tmp, self.state_dir)
+                message = f"restored files edited on the node: {', '.join(edited)}"
+                log.warning("reload: %s", message)
+            return {"ok": True, "bundle": running, "message": message, "added": none,
                     "removed": none, "changed": none, "restarted": none}
         node = new.config.get("node", {}).get("name")
         if node != self.node:

@@ -193,6 +193,8 @@ class NodeRunner:
             raise StepError(f"{self.node}: the agent could not reload: {text}")
         if reply.get("restart_required"):
             return False, str(reply.get("error") or reply.get("message") or "restart required")
+        if reply.get("message", "").startswith("restored"):
+            return True, str(reply["message"])
         if not reply.get("ok", True):
             raise StepError(f"{self.node}: the agent refused to reload: {reply.get('error')}")
         parts = [f"{k} {', '.join(reply[k])}" for k in ("added", "removed", "changed",
@@ -204,7 +206,9 @@ class NodeRunner:
         if not res.ok:
             raise StepError(f"{self.node}: VIP repair failed: "
                             f"{res.stderr.decode('utf-8', 'replace').strip()}")
-        return res.text().strip() or "VIPs checked"
+        reply = _json(res.stdout) or {}
+        fixed = reply.get("repaired") or []
+        return "; ".join(str(f) for f in fixed) if fixed else "VIPs already in place"
 
     def status(self) -> dict[str, Any] | None:
         res = self.t.run([self.paths.hvha, "status", "--json", "--socket", self.paths.socket],

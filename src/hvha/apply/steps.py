@@ -48,12 +48,10 @@ def node_steps(plan: Plan, node: str) -> list[Step]:
     module_changes = tuple(c.address for c in changes if not c.address.startswith("node/"))
     if service is not None:
         steps.append(_service_step(node, service, agent, module_changes))
-    elif bundle is not None and module_changes:
-        # pushed bundle differs but the agent already runs the desired one: nothing to load
-        pass
     vip_drift = tuple(c.address for c in changes
                       if c.address.startswith("vip/") and c.drift and c.action is Action.UPDATE)
-    if vip_drift and service is None:
+    # a started or restarted agent places its VIPs itself; a running one is asked to
+    if vip_drift and (not steps or steps[-1].kind in (Kind.BUNDLE, Kind.RELOAD)):
         steps.append(Step(node, Kind.REPAIR, vip_drift, why="VIP not where the roles say"))
     return steps
 

@@ -56,6 +56,11 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the agent's reply as JSON")
     p.set_defaults(func=cmd_reload)
 
+    p = sub.add_parser("repair", help="put each VIP where the module's role says (drift)")
+    _socket_arg(p)
+    p.add_argument("--json", action="store_true", help="print the agent's reply as JSON")
+    p.set_defaults(func=cmd_repair)
+
     p = sub.add_parser("state", help="exit with the module's state (STOP 0 ... SECOND 4)")
     _socket_arg(p)
     p.add_argument("module")
@@ -212,6 +217,16 @@ def _reload_summary(reply: dict[str, Any]) -> str:
                                                           "restarted") if reply.get(key)]
     what = "; ".join(parts) or "no module change"
     return f"bundle {str(reply.get('bundle'))[:12]} loaded: {what}"
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    reply = _call(args, {"cmd": "repair"})
+    fixed = reply.get("repaired") or []
+    if args.json:
+        sys.stdout.write(json.dumps(reply, sort_keys=True) + "\n")
+    else:
+        print("; ".join(fixed) if fixed else "every VIP is where its module's role says")
+    return 0
 
 
 def cmd_reload(args: argparse.Namespace) -> int:

@@ -13,7 +13,6 @@ submission order; the secondary applies ops strictly in that order.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +128,8 @@ class Fsync:
     datasync: bool = False
 
 
-Op = Union[Create, Write, Truncate, Fallocate, Rename, Unlink, Mkdir, Rmdir, Symlink, Link,
-           Chmod, Chown, Utimens, SetXattr, RemoveXattr, Fsync]
+Op = (Create | Write | Truncate | Fallocate | Rename | Unlink | Mkdir | Rmdir | Symlink | Link
+      | Chmod | Chown | Utimens | SetXattr | RemoveXattr | Fsync)
 
 # Ops that change the namespace (journalled by name while the peer is away), as opposed to
 # ops that change the content of one file (tracked in its dirty map).
