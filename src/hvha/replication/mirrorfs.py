@@ -1,0 +1,420 @@
+"""The primary's mirror file system: a passthrough that applies each mutation and streams it.
+
+Why it exists: a replicated directory must keep its path for the VM or app while every change
+reaches the secondary before the caller is told it succeeded. Mounted over the directory itself,
+it does backing I/O through a descriptor opened before the mount (`root_fd`); each mutating
+handler runs `with sink.ordered(): apply locally; seq = sink.enqueue(op)` then `sink.wait(seq)`
+outside the lock. A local failure returns its errno and enqueues nothing; a sink failure returns
+EIO. fsync enqueues an `Fsync` barrier, fsyncs locally while the secondary works, then waits.
+Binding: mfusepy / libfuse3 high level (benchmarks/fuse_bindings.py says why); mount.py runs it.
+
+O_DIRECT opens are served with FOPEN_DIRECT_IO (no kernel page cache for that open) while the
+backing file is opened without O_DIRECT (the binding's buffers are unaligned); durability comes
+from fsync, which qemu cache=none issues for every guest flush. FIFOs, sockets and devices get
+EPERM: the op vocabulary cannot replicate them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any, NamedTuple, Protocol
+
+import mfusepy  # type: ignore[import-untyped]
+
+from hvha.replication import ops as o
+from hvha.replication.ops import Op
+
+log = logging.getLogger(__name__)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                            ctypes.c_uint]
+_libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int]
+AT_SYMLINK_NOFOLLOW = 0x100
+_STATVFS_FIELDS = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                   "f_ffree", "f_favail", "f_namemax")
+COPY_CHUNK = 16 << 20  # copy_file_range: largest range replicated per request (bounded memory)
+
+
+class ReplicationSink(Protocol):
+    """The stream as the file system sees it (implemented by replication/stream.py)."""
+
+    def ordered(self) -> AbstractContextManager[None]: ...
+    def enqueue(self, op: Op) -> int: ...
+    def wait(self, seq: int) -> None: ...
+
+
+# -- pure translation rules
+
+
+def op_path(path: str) -> str:
+    """FUSE path ("/a/b", "/") -> replicated path ("a/b", "")."""
+    return path[1:]
+
+
+def backing_path(path: str) -> str:
+    """FUSE path -> path relative to the root descriptor ("." for the root)."""
+    return path[1:] or "."
+
+
+_STRIPPED_OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_APPEND
+
+
+class OpenPlan(NamedTuple):
+    """How to serve an open(2) the kernel passed with `flags`."""
+
+    flags: int  # for the backing open: no O_DIRECT (unaligned buffers), no O_APPEND (the
+    #             kernel puts the append offset in each write, the Write op must carry it)
+    direct_io: bool  # FOPEN_DIRECT_IO for O_DIRECT callers
+    sync_writes: bool  # O_SYNC/O_DSYNC: each write durable on both nodes before it returns
+    truncates: bool  # O_TRUNC on a writable open: replicate a Truncate to 0
+
+
+def open_plan(flags: int) -> OpenPlan:
+    return OpenPlan((flags & ~_STRIPPED_OPEN_FLAGS) | os.O_CLOEXEC, bool(flags & os.O_DIRECT),
+                    bool(flags & os.O_DSYNC),
+                    bool(flags & os.O_TRUNC) and (flags & os.O_ACCMODE) != os.O_RDONLY)
+
+
+def creation_owner(ctx_uid: int, ctx_gid: int, parent_mode: int,
+                   parent_gid: int) -> tuple[int, int]:
+    """Owner of a new entry: the caller, with the parent's group under a setgid directory."""
+    return ctx_uid, (parent_gid if parent_mode & stat.S_ISGID else ctx_gid)
+
+
+def lost_mode_bits(requested: int, actual: int) -> int:
+    """Permission bits the caller asked for but the daemon's own umask removed."""
+    return requested & 0o777 & ~actual
+
+
+def dirent_type(e: os.DirEntry[str]) -> int:
+    if e.is_dir(follow_symlinks=False):
+        return stat.S_IFDIR
+    if e.is_symlink():
+        return stat.S_IFLNK
+    return stat.S_IFREG if e.is_file(follow_symlinks=False) else 0
+
+
+def stat_dict(st: os.stat_result) -> dict[str, int]:
+    return {"st_mode": st.st_mode, "st_ino": st.st_ino, "st_nlink": st.st_nlink,
+            "st_uid": st.st_uid, "st_gid": st.st_gid, "st_size": st.st_size,
+            "st_blocks": st.st_blocks, "st_blksize": st.st_blksize, "st_rdev": st.st_rdev,
+            "st_atime": st.st_atime_ns, "st_mtime": st.st_mtime_ns, "st_ctime": st.st_ctime_ns}
+
+
+def _fail(err: int) -> OSError:
+    return mfusepy.FuseOSError(err)  # type: ignore[no-any-return]
+
+
+def _ftruncate(fd: int, length: int) -> int:
+    os.ftruncate(fd, length)
+    return 0
+
+
+def _check(ret: int) -> int:
+    if ret < 0:
+        raise _fail(ctypes.get_errno())
+    return ret
+
+
+# -- the file system
+
+
+class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
+    """Handlers called by the FUSE loop (see mount.py); `fi` is the raw fuse_file_info."""
+
+    use_ns = True
+
+    def __init__(self, root_fd: int, sink: ReplicationSink, *,
+                 sync_on_close: bool = False) -> None:
+        self.root = root_fd
+        self.sink = sink
+        self.sync_on_close = sync_on_close
+        self._proc = f"/proc/self/fd/{root_fd}"
+        self._sync_fhs: set[int] = set()
+        self._euid, self._egid = os.geteuid(), os.getegid()
+
+    def _enqueue(self, op: Op) -> int:
+        try:
+            return self.sink.enqueue(op)
+        except Exception as e:
+            log.error("replication sink refused %s: %s; answering EIO", type(op).__name__, e)
+            raise _fail(errno.EIO) from e
+
+    def _wait(self, seq: int) -> None:
+        try:
+            self.sink.wait(seq)
+        except Exception as e:
+            log.error("replication of op #%d failed: %s; answering EIO", seq, e)
+            raise _fail(errno.EIO) from e
+
+    def _name(self, path: str | None, fh: int) -> str | None:
+        """Replicated name of an open file; None if it is unlinked (nothing to replicate)."""
+        if path is not None or os.fstat(fh).st_nlink == 0:
+            return None if path is None else op_path(path)
+        log.error("open file (fh %d) has no path but still has links; refusing with EIO", fh)
+        raise _fail(errno.EIO)
+
+    def _xpath(self, path: str) -> str:
+        return self._proc + path if path != "/" else self._proc
+
+    def _own_new(self, path: str, st: os.stat_result, requested_mode: int) -> list[Op]:
+        """Fix the daemon umask and ownership of a just-created entry; ops that replicate it."""
+        bp = backing_path(path)
+        pending: list[Op] = []
+        lost = lost_mode_bits(requested_mode, st.st_mode)
+        if lost and not stat.S_ISLNK(st.st_mode):
+            os.chmod(bp, (st.st_mode & 0o7777) | lost, dir_fd=self.root)
+        uid, gid, _ = mfusepy.fuse_get_context()
+        pst = os.stat(backing_path(path.rsplit("/", 1)[0] or "/"), dir_fd=self.root)
+        uid, gid = creation_owner(uid, gid, pst.st_mode, pst.st_gid)
+        if (uid, gid) != (st.st_uid, st.st_gid):
+            os.chown(bp, uid, gid, dir_fd=self.root, follow_symlinks=False)
+        if (uid, gid) != (self._euid, self._egid):
+            pending.append(o.Chown(op_path(path), uid, gid))
+        return pending
+
+    def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
+        if fh is not None:
+            return stat_dict(os.fstat(fh.fh))
+        return stat_dict(os.stat(backing_path(path), dir_fd=self.root, follow_symlinks=False))
+
+    def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:
+        fd = os.open(backing_path(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                     dir_fd=self.root)
+        try:  # libfuse uses only st_ino (non-zero, or readdir(3) hides the entry) and the type
+            me = {"st_ino": os.fstat(fd).st_ino, "st_mode": stat.S_IFDIR}
+            return [(".", me, 0), ("..", me, 0),
+                    *((e.name, {"st_ino": e.inode(), "st_mode": dirent_type(e)}, 0)
+                      for e in os.scandir(fd))]
+        finally:
+            os.close(fd)
+
+    def readlink(self, path: str) -> str:
+        return os.readlink(backing_path(path), dir_fd=self.root)
+
+    def statfs(self, path: str) -> dict[str, int]:
+        sv = os.fstatvfs(self.root)
+        return {k: getattr(sv, k) for k in _STATVFS_FIELDS}
+
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        return os.getxattr(self._xpath(path), name, follow_symlinks=path == "/")
+
+    def listxattr(self, path: str) -> list[str]:
+        return os.listxattr(self._xpath(path), follow_symlinks=path == "/")
+
+    def read(self, path: str | None, size: int, offset: int, fi: Any) -> bytes:
+        return os.pread(fi.fh, size, offset)
+
+    def lseek(self, path: str | None, offset: int, whence: int, fi: Any) -> int:
+        return os.lseek(fi.fh, offset, whence)
+
+    def _setup_handle(self, fi: Any, fd: int, plan: OpenPlan) -> None:
+        fi.fh, fi.direct_io, fi.noflush = fd, plan.direct_io, not self.sync_on_close
+        if plan.sync_writes:
+            self._sync_fhs.add(fd)
+
+    def open(self, path: str, fi: Any) -> int:
+        plan = open_plan(fi.flags)
+        if not plan.truncates:
+            self._setup_handle(fi, os.open(backing_path(path), plan.flags, dir_fd=self.root), plan)
+            return 0
+        with self.sink.ordered():
+            fd = os.open(backing_path(path), plan.flags, dir_fd=self.root)
+            try:
+                seq = self._enqueue(o.Truncate(op_path(path), 0))
+            except OSError:
+                os.close(fd)
+                raise
+        self._setup_handle(fi, fd, plan)
+        self._wait(seq)
+        return 0
+
+    def create(self, path: str, mode: int, fi: Any) -> int:
+        bp, plan = backing_path(path), open_plan(fi.flags)
+        pending: list[Op] = []
+        with self.sink.ordered():
+            try:
+                fd = os.open(bp, plan.flags | os.O_CREAT | os.O_EXCL, mode & 0o7777,
+                             dir_fd=self.root)
+            except FileExistsError:
+                if fi.flags & os.O_EXCL:
+                    raise
+                fd = os.open(bp, plan.flags, dir_fd=self.root)  # lost a race: plain open
+                if plan.truncates:
+                    pending.append(o.Truncate(op_path(path), 0))
+            else:
+                try:
+                    st = os.fstat(fd)
+                    own = self._own_new(path, st, mode)
+                    pending = [o.Create(op_path(path), (st.st_mode & 0o7777)
+                                  | lost_mode_bits(mode, st.st_mode)), *own]
+                except BaseException:
+                    os.close(fd)
+                    raise
+            self._setup_handle(fi, fd, plan)
+            seqs = [self._enqueue(op) for op in pending]
+        if seqs:
+            self._wait(seqs[-1])
+        return 0
+
+    def write(self, path: str | None, data: bytes, offset: int, fi: Any) -> int:
+        fh = fi.fh
+        with self.sink.ordered():
+            n = os.pwrite(fh, data, offset)
+            name = self._name(path, fh)
+            if name is None:
+                return n
+            seq = self._enqueue(o.Write(name, offset, data if n == len(data) else data[:n]))
+        if fh in self._sync_fhs:
+            self._fsync(name, fh, True)
+        else:
+            self._wait(seq)
+        return n
+
+    def _fsync(self, name: str | None, fd: int, datasync: bool) -> None:
+        """Barrier first, local fsync while the secondary works, then wait for both disks."""
+        with self.sink.ordered():
+            seq = self._enqueue(o.Fsync(name, datasync))
+        os.fdatasync(fd) if datasync else os.fsync(fd)
+        self._wait(seq)
+
+    def fsync(self, path: str | None, datasync: int, fi: Any) -> int:
+        self._fsync(self._name(path, fi.fh), fi.fh, bool(datasync))
+        return 0
+
+    def flush(self, path: str | None, fi: Any) -> int:
+        if self.sync_on_close:
+            self._fsync(self._name(path, fi.fh), fi.fh, False)
+        return 0
+
+    def release(self, path: str | None, fi: Any) -> int:
+        self._sync_fhs.discard(fi.fh)
+        os.close(fi.fh)
+        return 0
+
+    def fsyncdir(self, path: str, datasync: int, fh: int) -> int:
+        fd = os.open(backing_path(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                     dir_fd=self.root)
+        try:
+            self._fsync(op_path(path), fd, bool(datasync))
+        finally:
+            os.close(fd)
+        return 0
+
+    def _on_file(self, path: str | None, fh: int, local: Callable[[], int],
+                 make: Callable[[str, int], Op | None]) -> int:
+        """Apply `local` to an open file, then replicate make(name, result) unless None."""
+        with self.sink.ordered():
+            res = local()
+            name = self._name(path, fh)
+            op = None if name is None else make(name, res)
+            if op is None:
+                return res
+            seq = self._enqueue(op)
+        self._wait(seq)
+        return res
+
+    def truncate(self, path: str | None, length: int, fi: Any = None) -> int:
+        if fi is not None:
+            return self._on_file(path, fi.fh, lambda: _ftruncate(fi.fh, length),
+                                 lambda name, _: o.Truncate(name, length))
+        assert path is not None
+        return self._simple(o.Truncate(op_path(path), length), os.truncate,
+                            self._proc + path, length)
+
+    def fallocate(self, path: str | None, mode: int, offset: int, size: int, fi: Any) -> int:
+        return self._on_file(path, fi.fh, lambda: _check(_libc.fallocate(fi.fh, mode, offset,
+                                                                          size)),
+                             lambda name, _: o.Fallocate(name, mode, offset, size))
+
+    def copy_file_range(self, path_in: str | None, fi_in: Any, off_in: int, path_out: str | None,
+                        fi_out: Any, off_out: int, length: int, flags: int) -> int:
+        out = fi_out.fh
+        return self._on_file(path_out, out, lambda: os.copy_file_range(
+            fi_in.fh, out, min(length, COPY_CHUNK), off_in, off_out),
+            lambda name, n: o.Write(name, off_out, os.pread(out, n, off_out)) if n else None)
+
+    def _simple(self, op: Op, fn: Any, *args: Any, **kw: Any) -> int:
+        with self.sink.ordered():
+            fn(*args, **kw)
+            seq = self._enqueue(op)
+        self._wait(seq)
+        return 0
+
+    def mknod(self, path: str, mode: int, dev: int) -> int:
+        log.warning("refusing to create special file %s (mode %o): FIFOs, sockets and devices "
+                    "cannot be replicated; put them outside the mirrored directory", path, mode)
+        raise _fail(errno.EPERM)
+
+    def _new_entry(self, path: str, mode: int, local: Callable[[str], None],
+                   op_of: Callable[[os.stat_result], Op]) -> int:
+        bp = backing_path(path)
+        with self.sink.ordered():
+            local(bp)
+            st = os.stat(bp, dir_fd=self.root, follow_symlinks=False)
+            seqs = [self._enqueue(op) for op in (op_of(st), *self._own_new(path, st, mode))]
+        self._wait(seqs[-1])
+        return 0
+
+    def mkdir(self, path: str, mode: int) -> int:
+        return self._new_entry(path, mode, lambda bp: os.mkdir(bp, mode & 0o7777, dir_fd=self.root),
+                               lambda st: o.Mkdir(op_path(path), (st.st_mode & 0o7777)
+                                                  | lost_mode_bits(mode, st.st_mode)))
+
+    def symlink(self, path: str, target: str) -> int:
+        return self._new_entry(path, 0, lambda bp: os.symlink(target, bp, dir_fd=self.root),
+                               lambda st: o.Symlink(target, op_path(path)))
+
+    def link(self, new: str, existing: str) -> int:
+        return self._simple(o.Link(op_path(existing), op_path(new)), os.link,
+                            backing_path(existing), backing_path(new), src_dir_fd=self.root,
+                            dst_dir_fd=self.root, follow_symlinks=False)
+
+    def unlink(self, path: str) -> int:
+        return self._simple(o.Unlink(op_path(path)), os.unlink, backing_path(path),
+                            dir_fd=self.root)
+
+    def rmdir(self, path: str) -> int:
+        return self._simple(o.Rmdir(op_path(path)), os.rmdir, backing_path(path), dir_fd=self.root)
+
+    def rename(self, old: str, new: str, flags: int = 0) -> int:
+        return self._simple(o.Rename(op_path(old), op_path(new), flags), self._rename_local,
+                            backing_path(old), backing_path(new), flags)
+
+    def _rename_local(self, old: str, new: str, flags: int) -> None:
+        _check(_libc.renameat2(self.root, os.fsencode(old), self.root, os.fsencode(new), flags))
+
+    def chmod(self, path: str, mode: int) -> int:
+        return self._simple(o.Chmod(op_path(path), mode & 0o7777), os.chmod, backing_path(path),
+                            mode & 0o7777, dir_fd=self.root)
+
+    def chown(self, path: str, uid: int, gid: int) -> int:
+        return self._simple(o.Chown(op_path(path), uid, gid), os.chown, backing_path(path), uid,
+                            gid, dir_fd=self.root, follow_symlinks=False)
+
+    def utimens_raw(self, path: str, times: int | None) -> int:
+        """`times` is the address of the kernel's timespec[2] (UTIME_NOW/OMIT kept) or None."""
+        bp = backing_path(path)
+        with self.sink.ordered():
+            _check(_libc.utimensat(self.root, os.fsencode(bp), times, AT_SYMLINK_NOFOLLOW))
+            st = os.stat(bp, dir_fd=self.root, follow_symlinks=False)
+            seq = self._enqueue(o.Utimens(op_path(path), st.st_atime_ns, st.st_mtime_ns))
+        self._wait(seq)
+        return 0
+
+    def setxattr(self, path: str, name: str, value: bytes, options: int, *args: Any) -> int:
+        return self._simple(o.SetXattr(op_path(path), name, value, options), os.setxattr,
+                            self._xpath(path), name, value, options,
+                            follow_symlinks=path == "/")
+
+    def removexattr(self, path: str, name: str) -> int:
+        return self._simple(o.RemoveXattr(op_path(path), name), os.removexattr, self._xpath(path),
+                            name, follow_symlinks=path == "/")
