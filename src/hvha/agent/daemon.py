@@ -44,7 +44,7 @@ from hvha.agent.heartbeat import (
 )
 from hvha.agent.incarnation import next_incarnation
 from hvha.agent.leases import LeaseManager, NoWitness, WitnessPort
-from hvha.agent.ports import GuardPipe
+from hvha.agent.ports import GuardPipe, ReplicationChanged
 from hvha.agent.runtime import ModuleRuntime
 
 log = logging.getLogger("hvha.agent")
@@ -187,6 +187,9 @@ class Agent:
             await self.heartbeat.stop()
             for runtime in self.modules.values():
                 await runtime.close()
+            closer = getattr(self.ports, "close", None)
+            if closer is not None:
+                await closer()  # unmount mirrors, stop the replication listeners
             self.guard.stop()
 
     async def _hand_over(self) -> None:
@@ -329,6 +332,9 @@ class Agent:
         try:  # build everything first: a module that cannot be built refuses the reload
             built = {n: self.ports.build(want[n], self) for n in [*plan.added,
                                                                    *(c.name for c in redo)]}
+        except ReplicationChanged as exc:
+            return {"ok": False, "restart_required": True, "bundle": running,
+                    "sections": ["replicated"], "error": f"{exc}; nothing was changed"}
         except Exception as exc:
             return {"ok": False, "bundle": running, "error": f"reload refused: cannot set up "
                     f"the new modules: {exc}; nothing was changed"}
@@ -388,6 +394,9 @@ class Agent:
             want = {m["name"]: m for m in config["modules"]}
             for runtime in gone:
                 await runtime.close()
+                release = getattr(self.ports, "release", None)
+                if release is not None:
+                    await release(runtime.name)
                 del self.modules[runtime.name]
                 self.peer_seen.pop(runtime.name, None)
                 self.guard.armed.discard(runtime.name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import subprocess
 import sys
@@ -178,15 +179,21 @@ class GuardPipe:
             proc.wait()
 
 
+class ReplicationChanged(Exception):
+    """A reload would change a module's replicated directories: only a restart can do that."""
+
+
 class Ports:
     def __init__(self, root: Path, config: dict[str, Any], state_dir: Path) -> None:
         self.root = root
         self.config = config
         self.state_dir = state_dir
+        self._replicators: dict[str, tuple[str, Replicator]] = {}
 
     def env(self, m: dict[str, Any]) -> dict[str, str]:
         return {"HVHA_MODULE": m["name"], "HVHA_NODE": self.config["node"]["name"],
-                "HVHA_PEER": self.config["peer"]["name"]}
+                "HVHA_PEER": self.config["peer"]["name"],
+                "HVHA_PYTHON": sys.executable}  # scripts reach hvha helpers (QMP) through it
 
     def build(self, m: dict[str, Any], agent: Any) -> tuple[Any, Any, Any, Replicator]:
         from hvha.agent.checkers import CheckerSet
@@ -214,7 +221,40 @@ class Ports:
         # pid namespace; on a real server this is every process).
         checkers = (CheckerSet(m["checkers"], driver, on_event, env=self.env(m),
                                same_netns=True) if m["checkers"] else None)
-        replicator: Replicator = NoReplication() if not m["replicated"] else PendingReplication(
+        return payload, vip, checkers, self.replicator(m)
+
+    def replicator(self, m: dict[str, Any]) -> Replicator:
+        """The module's mirror (one per module for the agent's life: its appliers hold the
+        replication ports, so a reload that keeps the directories keeps the same object), or
+        :class:`PendingReplication` when this node has no replication TLS credentials."""
+        name = m["name"]
+        if not m["replicated"]:
+            return NoReplication()
+        key = json.dumps([m["replicated"], m.get("replication_port"),
+                          self.config.get("replication")], sort_keys=True)
+        cached = self._replicators.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        if cached is not None:
+            raise ReplicationChanged(f"module {name}: its replicated directories changed, which "
+                                     "needs the module restarted on the new mount: restart "
+                                     "the hvha service")
+        from hvha.replication.build import build_replicator
+
+        built: Replicator | None = build_replicator(m, self.config, self.state_dir)
+        replicator = built if built is not None else PendingReplication(
             self.state_dir / "modules" / name / "data-ok")
-        return payload, vip, checkers, replicator
+        self._replicators[name] = (key, replicator)
+        return replicator
+
+    async def release(self, name: str) -> None:
+        """A module removed by a reload: stop serving its replication port and its guard."""
+        cached = self._replicators.pop(name, None)
+        closer = getattr(cached[1], "aclose", None) if cached is not None else None
+        if closer is not None:
+            await closer()
+
+    async def close(self) -> None:
+        for name in list(self._replicators):
+            await self.release(name)
 

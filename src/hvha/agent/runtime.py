@@ -284,4 +284,15 @@ class ModuleRuntime:
             "errors": self.errors, "last_error": self.last_error,
             "history": [{"at": t.at, "role": t.role.value, "reason": t.reason}
                         for t in self.history],
+            "replication": self._replication_status(),
         }
+
+    def _replication_status(self) -> dict[str, Any] | None:
+        probe = getattr(self.replicator, "status", None)
+        if probe is None:
+            return None
+        try:
+            result: dict[str, Any] = probe()
+        except Exception as exc:  # status must never break `hvha status`
+            return {"error": str(exc)}
+        return result

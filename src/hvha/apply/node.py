@@ -128,6 +128,20 @@ class NodeRunner:
         self.t.put(f"{digest}  node.bundle\n".encode(), f"{p.bundle}.sha256", 0o600)
         return f"{p.bundle} {digest[:12]}{note}"
 
+    def push_tls(self, ca: Path, ca_sha: str) -> str:
+        """This node's replication credentials in <state>/tls/, unless it has them already."""
+        from hvha.apply import tls_material
+
+        d, node, q = f"{self.paths.state}/tls", self.node, shlex.quote
+        have = self.sh(f"sha256sum {q(d)}/ca.crt 2>/dev/null | cut -c1-64; "
+                       f"[ -s {q(d)}/{q(node)}.key ] && echo key || true", "checking TLS files")
+        if have.split() == [ca_sha, "key"]:
+            return ""
+        self.sh(f"mkdir -p {q(d)} && chmod 700 {q(self.paths.state)} {q(d)}", f"creating {d}")
+        for name, (data, mode) in tls_material.node_files(ca, node).items():
+            self.t.put(data, f"{d}/{name}", mode)
+        return f"; replication TLS credentials installed in {d}"
+
     def start(self) -> str:
         p, q = self.paths, shlex.quote
         self.t.put(unit_text(p).encode(), f"{p.etc}/{p.unit}.service", 0o644)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hvha.apply import package
+from hvha.apply import package, tls_material
 from hvha.apply.node import NodePaths, NodeRunner, StepError
 from hvha.apply.steps import Kind, Step, node_steps
 from hvha.compile.bundle import Bundle, archive
@@ -158,6 +158,11 @@ class Applier:
             except package.PackageError as exc:
                 raise ApplyError(f"{exc}\n  nothing was changed on any node") from None
         secret = self._secret() if any(s.kind is Kind.BUNDLE for s in files) else None
+        ca = None
+        if tls_material.needed(self.session.cluster) and any(s.kind is Kind.BUNDLE
+                                                             for s in files):
+            ca = tls_material.ensure_ca(self.session.cluster)
+            ca_sha = tls_material.ca_sha256(ca)
 
         def file_steps(node: str) -> bool:
             runner = self.runners[node]
@@ -169,7 +174,8 @@ class Applier:
                                                                                 version))
                 elif step.kind is Kind.BUNDLE:
                     ok = self._run_step(step, out, lambda: runner.push_bundle(
-                        archive(b), b.hash, secret))
+                        archive(b), b.hash, secret) + (
+                        runner.push_tls(ca, ca_sha) if ca is not None else ""))
                 else:
                     continue
                 if not ok:

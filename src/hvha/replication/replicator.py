@@ -1,0 +1,400 @@
+"""The agent's Replicator for a module with replicated directories: engine + FUSE mirror glued.
+
+Why it exists: the node runtime (agent/runtime.py) sees replication only through the small
+`Replicator` protocol; the engine pieces (Stream, Applier, DirtyStore, generations, resync) and
+the mirror mount are tested separately. This module owns their lifecycle for ONE module:
+
+- always (from construction): an Applier per directory listens on my replication address, so
+  whichever node is primary can connect; while not primary the directory is bind-mounted
+  read-only over itself (`read_only_guard`), so apps cannot write the secondary's copy;
+- become_primary(): release the guard, mount the mirror over each directory with a Stream to
+  the peer, try to connect once; unreachable -> ALONE (`start_alone`, dirty tracking); a worker
+  thread keeps (re)connecting, decides with the data generations and resyncs in the background
+  while the app runs, then the pair is in sync;
+- become_secondary()/stop(): unmount, close the stream, re-protect the directory.
+
+Directory i of a module uses port + i (see build.py for a module's port). Generations, dirty
+maps and resync checkpoints live in <state>/replication/<module>/<dir key>/.
+The secondary learns that a resync into it finished from an "hvha-synced" query sent in order
+after the resync (answered by `_SyncedTree`), and only then takes the source's generation.
+The pure rules (what to do when the copies meet) are in plan.py; this is the side effects."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import ssl
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hvha.replication import blocks, generations, tls, wire
+from hvha.replication.applier import Applier, ReadOnlyGuard, TreeWriter, read_only_guard
+from hvha.replication.dirty import DirtyStore
+from hvha.replication.generations import Decision, Generations
+from hvha.replication.mount import MirrorMount
+from hvha.replication.plan import FROM_PEER, TO_PEER, begin_primary, dir_key, initial_id, plan
+from hvha.replication.stream import Mode, PeerRefused, Stream
+
+log = logging.getLogger("hvha.replication")
+SYNCED_QUERY = "hvha-synced"
+
+
+def creds_for(tls_dir: Path, node: str) -> tls.NodeCreds | None:
+    """This node's TLS files (ca.crt, <node>.crt, <node>.key as written by tls.issue_node_cert),
+    or None if one is missing."""
+    c = tls.NodeCreds(tls_dir / "ca.crt", tls_dir / f"{node}.crt", tls_dir / f"{node}.key", node)
+    return c if all(p.exists() for p in (c.ca_cert, c.cert, c.key)) else None
+
+
+# ------------------------------------------------------------------ the secondary's applier
+class _SyncedTree(TreeWriter):
+    """The applier's tree, plus the "hvha-synced" query (the resync into this copy finished)."""
+
+    def __init__(self, root: str | Path, on_synced: Callable[[dict[str, Any]], None]) -> None:
+        super().__init__(root)
+        self.on_synced = on_synced
+
+    def query(self, payload: bytes) -> bytes:
+        if b'"q":"' + SYNCED_QUERY.encode() + b'"' in payload:
+            try:
+                self.on_synced(wire.decode_json(payload)["generations"])
+            except (OSError, ValueError, KeyError, TypeError, wire.WireError) as exc:
+                return b"\1" + f"{type(exc).__name__}: {exc}".encode()
+            return b"\0true"
+        return super().query(payload)
+
+
+class _Applier(Applier):
+    def __init__(self, root: Path, on_synced: Callable[[dict[str, Any]], None],
+                 **kw: Any) -> None:
+        super().__init__(root, **kw)
+        self.tree.close()
+        self.tree = _SyncedTree(root, on_synced)
+
+
+@dataclasses.dataclass
+class Settings:
+    module: str
+    node: str
+    peer: str
+    my_address: str
+    peer_address: str
+    creds: tls.NodeCreds
+    state_dir: Path
+    zone_size: int
+    streams: int
+    timeout: float
+    connect_timeout: float
+    retry: float
+
+
+# ------------------------------------------------------------------ one directory
+class _Dir:
+    """One replicated directory: applier + guard always, mount + stream + worker when primary."""
+
+    def __init__(self, s: Settings, path: Path, index: int, port: int) -> None:
+        self.s, self.path, self.port = s, path, port
+        self.ident = f"{s.module}[{index}]"
+        self.state = s.state_dir / "replication" / s.module / dir_key(str(path))
+        self.state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.initial = initial_id(s.module, index)
+        self._lock = threading.RLock()
+        self.gens = generations.load(self.state / "generations.json") or Generations(self.initial)
+        self._save()
+        self.primary = False
+        self.refused = ""
+        self.last_error = ""
+        self.mount: MirrorMount | None = None
+        self.stream: Stream | None = None
+        self.dirty: DirtyStore | None = None
+        self.backing_fd = -1
+        self._closing = False
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._worker: threading.Thread | None = None
+        self.applier = _Applier(path, self._on_synced, node=s.node, peer=s.peer,
+                                module=self.ident, ctx=tls.server_context(s.creds),
+                                host=s.my_address, port=port,
+                                generations=self._gens_dict, on_hello=self._on_hello)
+        self.applier.start()
+        self.guard: ReadOnlyGuard | None = read_only_guard(path)
+
+    # -- generations (any thread)
+    def _save(self) -> None:
+        generations.save(self.state / "generations.json", self.gens)
+
+    def _gens_dict(self) -> dict[str, Any]:
+        with self._lock:
+            return self.gens.as_dict()
+
+    def _on_hello(self, hello: wire.Hello) -> str | None:
+        """Secondary side: accept the primary's session, or say why not."""
+        with self._lock:
+            if self.primary:
+                return (f"{self.s.node} is primary for {self.s.module} itself: two primaries; "
+                        "stop the module on one node")
+            try:
+                peer = Generations.from_dict(hello.generations)
+            except (KeyError, ValueError) as exc:
+                return f"bad generations in hello: {exc}"
+            d = plan(self.gens, peer, self.initial)
+            if d in FROM_PEER:
+                if not self.gens.inconsistent:
+                    self.gens = generations.resync_started(self.gens)
+                    self._save()
+                log.info("replication %s: resync from %s starts (%s): this copy is "
+                         "inconsistent until it ends", self.ident, self.s.peer, d.value)
+                return None
+            if d is Decision.IN_SYNC:
+                return None
+            if d in TO_PEER:
+                return (f"{self.s.node} holds newer data of {self.s.module} than {self.s.peer}: "
+                        f"make {self.s.node} primary, or discard its changes with "
+                        f"`hvha resync {self.s.module} --full` from {self.s.peer}")
+            return (f"{d.value}: the copies of {self.s.module} on {self.s.node} and "
+                    f"{self.s.peer} both changed; an operator must pick the survivor "
+                    f"(`hvha resync {self.s.module} --full` from it)")
+
+    def _on_synced(self, source: dict[str, Any]) -> None:
+        with self._lock:
+            self.gens = generations.resync_finished(self.gens, Generations.from_dict(source))
+            self._save()
+        log.info("replication %s: resync from %s finished, copy consistent", self.ident,
+                 self.s.peer)
+
+    def _on_mode(self, mode: Mode, why: str) -> None:
+        if mode is Mode.ALONE and not self._closing:
+            self._go_alone(why)
+        self._wake.set()
+
+    def _go_alone(self, why: str) -> None:
+        with self._lock:
+            if self.primary and self.gens.bitmap == 0:
+                self.gens = generations.start_alone(self.gens)
+                self._save()
+                log.warning("replication %s: writing without %s (%s): new generation, "
+                            "tracking dirty zones", self.ident, self.s.peer, why)
+
+    # -- role changes (blocking: called through asyncio.to_thread)
+    def become_primary(self) -> None:
+        if self.primary:
+            return
+        with self._lock:
+            self.primary = True
+            self.gens = begin_primary(self.gens, self.initial)
+            self._save()
+        self._closing = False
+        self._stop.clear()
+        if self.guard is not None:
+            self.guard.release()
+            self.guard = None
+        self.backing_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.dirty = DirtyStore(self.state, self.s.zone_size)
+        self.stream = Stream(node=self.s.node, peer=self.s.peer, module=self.ident,
+                             address=(self.s.peer_address, self.port),
+                             ctx=tls.client_context(self.s.creds), dirty=self.dirty,
+                             generations=self._gens_dict, timeout=self.s.timeout,
+                             on_mode=self._on_mode)
+        self.mount = MirrorMount(str(self.path), self.stream)
+        try:
+            self.mount.start()
+        except BaseException:
+            self.leave_primary()
+            raise
+        hello = self._connect(self.s.connect_timeout)
+        if hello is None:
+            self._go_alone(self.last_error)
+        self._worker = threading.Thread(target=self._work, args=(hello,), daemon=True,
+                                        name=f"hvha-repl-{self.ident}")
+        self._worker.start()
+
+    def leave_primary(self) -> None:
+        self._closing = True
+        self._stop.set()
+        self._wake.set()
+        if self.mount is not None:
+            self.mount.stop()
+            self.mount = None
+        if self.stream is not None:
+            self.stream.close()
+        if self._worker is not None:
+            self._worker.join(timeout=30)
+            self._worker = None
+        self.stream = None
+        if self.dirty is not None:
+            self.dirty.close()
+            self.dirty = None
+        if self.backing_fd >= 0:
+            os.close(self.backing_fd)
+            self.backing_fd = -1
+        with self._lock:
+            self.primary = False
+        if self.guard is None:
+            self.guard = read_only_guard(self.path)
+
+    def close(self) -> None:
+        self.leave_primary()
+        if self.guard is not None:
+            self.guard.release()
+            self.guard = None
+        self.applier.close()
+
+    # -- the primary's worker thread
+    def _connect(self, timeout: float) -> dict[str, Any] | None:
+        stream = self.stream
+        if stream is None:
+            return None
+        try:
+            return stream.connect(timeout).generations
+        except PeerRefused as exc:
+            if str(exc) != self.refused:
+                log.error("replication %s: %s; not replicating until that is resolved",
+                          self.ident, exc)
+            self.refused = self.last_error = str(exc)
+        except (OSError, ssl.SSLError, ConnectionError, wire.WireError) as exc:
+            self.last_error = f"peer {self.s.peer} unreachable: {exc}"
+            log.debug("replication %s: %s", self.ident, self.last_error)
+        return None
+
+    def _work(self, hello: dict[str, Any] | None) -> None:
+        while not self._stop.is_set():
+            stream = self.stream
+            if stream is None:
+                return
+            if hello is None and stream.mode is Mode.ALONE:
+                hello = self._connect(self.s.connect_timeout)
+                if hello is None:
+                    self._stop.wait(self.s.retry * (10 if self.refused else 1))
+                    continue
+            if hello is not None:
+                self.refused = ""
+                try:
+                    self._sync(stream, Generations.from_dict(hello))
+                except Exception as exc:  # the peer went away mid-resync: retry
+                    self.last_error = f"resync: {type(exc).__name__}: {exc}"
+                    if not self._stop.is_set():
+                        log.warning("replication %s: %s", self.ident, self.last_error)
+                    if stream.mode is not Mode.ALONE:
+                        stream.detach(self.last_error)
+                hello = None
+                continue
+            self._wake.wait(1.0)
+            self._wake.clear()
+
+    def _sync(self, stream: Stream, peer: Generations) -> None:
+        with self._lock:
+            local = self.gens
+        d = plan(local, peer, self.initial)
+        if d not in (Decision.IN_SYNC, *TO_PEER):
+            self.refused = (f"{d.value}: {self.s.peer}'s copy of {self.s.module} is newer or "
+                            "diverged; refusing to replicate over it; an operator must decide "
+                            f"(`hvha resync {self.s.module} --full` from the survivor)")
+            log.error("replication %s: %s", self.ident, self.refused)
+            stream.detach(self.refused)
+            return
+        assert self.dirty is not None
+        full = d is Decision.FULL_RESYNC_TO_PEER
+        log.info("replication %s: connected to %s: %s", self.ident, self.s.peer, d.value)
+        blocks.resync(stream, self.backing_fd, self.dirty, full=full, state_dir=self.state,
+                      checkpoint_key=f"{local.current:x}-{peer.current:x}",
+                      streams=self.s.streams)
+        if d is not Decision.IN_SYNC or local.bitmap:
+            done = generations.synced(local)
+            stream.query({"q": SYNCED_QUERY, "generations": done.as_dict()})
+            with self._lock:
+                self.gens = done if self.gens == local else generations.synced(self.gens)
+                self._save()
+        self.last_error = ""
+        log.info("replication %s: in sync with %s", self.ident, self.s.peer)
+
+    # -- views
+    def in_sync(self) -> bool:
+        st = self.stream
+        return bool(st is not None and st.in_sync and self.dirty is not None
+                    and self.dirty.is_clean())
+
+    def status(self) -> dict[str, Any]:
+        st = self.stream
+        out: dict[str, Any] = {"path": str(self.path), "port": self.port,
+                               "role": "primary" if self.primary else "secondary",
+                               "generations": self._gens_dict(), "last_error": self.last_error,
+                               "refused": self.refused}
+        if st is not None:
+            out.update(st.status().as_dict())
+            if self.dirty is not None:
+                out["dirty_bytes"] = self.dirty.snapshot().dirty_bytes()
+        else:
+            out.update(mode="secondary", in_sync=None, applier_sessions=self.applier.sessions,
+                       applier_error=self.applier.last_error)
+        out["in_sync"] = self.in_sync() if st is not None else None
+        return out
+
+
+# ------------------------------------------------------------------ the Replicator
+class MirrorReplicator:
+    """`hvha.agent.runtime.Replicator` for one module with one or more replicated directories.
+
+    Constructing it starts the appliers and protects the directories (root, /dev/fuse, fuse3).
+    Call `close()` when the agent drops the module (the runtime's `stop()` keeps the appliers,
+    so the peer can still replicate into this node)."""
+
+    def __init__(self, module: str, dirs: list[str | Path], *, node: str, peer: str,
+                 my_address: str, peer_address: str, port: int, tls_dir: str | Path,
+                 state_dir: str | Path, zone_size: int = 1 << 20, streams: int = 2,
+                 timeout: float = 10.0, connect_timeout: float = 2.0,
+                 retry: float = 1.0) -> None:
+        creds = creds_for(Path(tls_dir), node)
+        if creds is None:
+            raise FileNotFoundError(f"TLS files for {node} missing in {tls_dir}: run "
+                                    "`hvha tls init` (see replicator.init_tls)")
+        s = Settings(module, node, peer, my_address, peer_address, creds, Path(state_dir),
+                     zone_size, streams, timeout, connect_timeout, retry)
+        self.module = module
+        self._dirs: list[_Dir] = []
+        try:
+            for i, d in enumerate(dirs):
+                self._dirs.append(_Dir(s, Path(d), i, port + i))
+        except BaseException:
+            for x in self._dirs:
+                x.close()
+            raise
+
+    def data_ok(self) -> bool:
+        return all(generations.may_promote(d.gens) for d in self._dirs)
+
+    def in_sync(self) -> bool:
+        return all(d.primary and d.in_sync() for d in self._dirs)
+
+    def generation(self) -> str:
+        return ",".join(f"{d.gens.current:016x}" for d in self._dirs)
+
+    async def become_primary(self) -> None:
+        for d in self._dirs:
+            await asyncio.to_thread(d.become_primary)
+
+    async def become_secondary(self) -> None:
+        for d in self._dirs:
+            await asyncio.to_thread(d.leave_primary)
+
+    async def stop(self) -> None:
+        await self.become_secondary()
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
+    def close(self) -> None:
+        for d in self._dirs:
+            try:
+                d.close()
+            except Exception:  # close the other directories all the same
+                log.exception("replication %s: closing %s failed; check `mount | grep %s`",
+                              d.ident, d.path, d.path)
+
+    def status(self) -> dict[str, Any]:
+        """For `hvha status --json`: per directory mode, in_sync, resync progress, errors."""
+        return {"module": self.module, "in_sync": self.in_sync(), "data_ok": self.data_ok(),
+                "generation": self.generation(), "dirs": [d.status() for d in self._dirs]}
