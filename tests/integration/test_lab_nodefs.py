@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.labkit import force_down, require_netns
 
 from hvha.lab import Lab, nodefs
-from tests.labkit import force_down, require_netns
 
 pytestmark = pytest.mark.e2e
 

@@ -114,8 +114,8 @@ def test_fresh_nodes_create_everything_in_graph_order_without_disruption() -> No
     assert not any(c.disruptive for c in p.changes)
     assert [c.address for c in p.for_node("node1")] == [
         "node/node1/agent", "node/node1/bundle", "node/node1/service",
-        "module/web", "vip/web", "driver/web", "checker/web/http"]
-    assert p.summary_line() == "Plan: 14 to add, 0 to change, 0 to destroy."
+        "module/web", "rfs/web/0", "vip/web", "driver/web", "checker/web/http"]
+    assert p.summary_line() == "Plan: 16 to add, 0 to change, 0 to destroy."
 
 
 def test_payload_change_restarts_only_where_primary() -> None:
@@ -223,8 +223,9 @@ def test_replicated_directories_restart_a_running_payload() -> None:
                            d.start_order, d.config)
             for k, d in base.items()}
     rfs = _by_address(plan(more, _running(base)), "node1")["rfs/web/0"]
-    assert (rfs.action, rfs.disruption) == (Action.CREATE, "restarts web on node1 to mount "
-                                                           "/srv/web")
+    # the lab example replicates /srv/hvha/web: moving it to /srv/web replaces the mount
+    assert (rfs.action, rfs.disruption) == (Action.REPLACE, "restarts web on node1 to mount "
+                                                            "/srv/web")
 
 
 def test_no_facts_for_a_node_is_an_error() -> None:
