@@ -106,3 +106,16 @@ def test_interval(text: str, seconds: float) -> None:
 def test_bad_interval(text: str) -> None:
     with pytest.raises(ValueError):
         parse_interval(text)
+
+
+def test_same_version_built_from_other_source_is_reinstalled_and_restarted() -> None:
+    from dataclasses import replace
+
+    desired, facts = load_case("up-to-date")
+    rebuilt = {n: replace(d, agent_build="newsource") for n, d in desired.items()}
+    p = plan(rebuilt, facts)
+    agent = next(c for c in p.changes if c.address == "node/node1/agent")
+    assert "rebuilt from other source" in agent.reason
+    assert _kinds(p, "node1") == [Kind.AGENT, Kind.RESTART]
+    same = {n: replace(d, agent_build=None) for n, d in desired.items()}
+    assert not plan(same, facts).has_changes  # without a source tree: versions only

@@ -107,9 +107,14 @@ class NodeRunner:
             sent += 1
         pin = version.split()[-1]
         q = shlex.quote
+        own = next(w for w in wheelhouse.wheels if w.startswith("hvha-"))
+        pip = (f"{q(p.prefix)}/bin/pip install --quiet --disable-pip-version-check --no-index "
+               f"--find-links {q(p.wheels)}")
+        # the same version may be another build of it: hvha's own wheel is always reinstalled
         self.sh(f"set -e; [ -x {q(p.prefix)}/bin/python ] || python3 -m venv {q(p.prefix)}\n"
-                f"{q(p.prefix)}/bin/pip install --quiet --disable-pip-version-check --no-index "
-                f"--find-links {q(p.wheels)} --upgrade hvha=={q(pin)}",
+                f"{pip} --upgrade hvha=={q(pin)}\n"
+                f"{pip} --no-deps --force-reinstall {q(p.wheels)}/{q(own)}\n"
+                f"printf '%s\\n' {q(wheelhouse.key)} > {q(p.prefix)}/hvha-build",
                 f"installing hvha {pin} into {p.prefix}", timeout=600)
         return f"hvha {pin} in {p.prefix} ({sent} of {len(wheelhouse.wheels)} wheels sent)"
 

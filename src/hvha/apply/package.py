@@ -96,3 +96,12 @@ def build(root: Path | None = None) -> Wheelhouse:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return from_directory(final)
+
+
+def local_build() -> str | None:
+    """The key of the source tree hvha runs from, or None when it runs from an installed
+    package (then plans compare versions only)."""
+    try:
+        return source_key(source_root())
+    except PackageError:
+        return None

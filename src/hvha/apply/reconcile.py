@@ -18,9 +18,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from hvha.apply import package
 from hvha.apply.run import Applier, ApplyError, gather, open_session
 from hvha.plan import desired_from_bundles, plan
 from hvha.plan.model import Plan
@@ -97,7 +99,8 @@ class Reconciler:
         except (ApplyError, SystemExit, Exception) as exc:
             return self._error(exc)
         try:
-            the_plan = plan(desired_from_bundles(bundles), gather(session))
+            build = None if self.args.wheelhouse else package.local_build()
+            the_plan = plan(desired_from_bundles(bundles, build), gather(session))
             if not the_plan.has_changes:
                 self.log("in sync: no changes")
                 return 0
@@ -113,7 +116,8 @@ class Reconciler:
             if not the_plan.has_changes:
                 return 2
             self.log(the_plan.summary_line())
-            out = Applier(session, bundles, self.say,
+            wheels = Path(self.args.wheelhouse) if self.args.wheelhouse else None
+            out = Applier(session, bundles, self.say, wheelhouse=wheels,
                           settle_timeout=self.args.settle_timeout).apply(the_plan)
             if not out.ok:
                 self.errors += 1

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hvha.apply import package
 from hvha.apply.run import Applier, ApplyError, Outcome, Session, file_sha256, gather, open_session
 from hvha.cli.errors import UserError
 from hvha.compile.bundle import Bundle, build_bundles
@@ -128,7 +129,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
             facts = gather(session)
         except ApplyError as exc:
             raise UserError(str(exc)) from None
-        fresh = plan(desired_from_bundles(bundles), facts)
+        build = None if args.wheelhouse else package.local_build()
+        fresh = plan(desired_from_bundles(bundles, build), facts)
         if saved is not None:
             stale = [n for n, np in saved.nodes.items()
                      if n not in fresh.nodes or fresh.nodes[n].facts_digest != np.facts_digest

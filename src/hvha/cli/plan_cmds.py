@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from hvha.apply import package
 from hvha.apply.run import ApplyError, file_sha256, open_session
 from hvha.apply.run import gather as gather_session
 from hvha.cli.errors import UserError
@@ -61,7 +62,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         sys.stderr.write(d.render() + "\n")
     if v.cluster is None:
         return 1
-    desired = desired_from_bundles(build_bundles(v.cluster))
+    desired = desired_from_bundles(build_bundles(v.cluster), package.local_build())
     the_plan: Plan = plan(desired, gather(v.cluster, args.accept_new_host_keys))
     if args.out:
         the_plan = replace(the_plan, source={"file": str(Path(args.file).resolve()),

@@ -37,15 +37,18 @@ UNEXPLAINED = ("source_sha256", "defaults_applied", "hvha_version", "format")
 RESTART_SECTIONS = ("cluster", "heartbeat", "witness", "node", "peer", "replication")
 
 
-def desired_from_bundles(bundles: Sequence[Bundle]) -> dict[str, DesiredNode]:
-    """Desired state per node, read back from the compiled bundles' ``agent.json``."""
+def desired_from_bundles(bundles: Sequence[Bundle],
+                         build: str | None = None) -> dict[str, DesiredNode]:
+    """Desired state per node, read back from the compiled bundles' ``agent.json``; ``build``
+    is the source key of the package apply would install (None: compare versions only)."""
     out = {}
     for b in bundles:
         cfg = json.loads(b.files[CONFIG_FILE][0])
         out[b.node] = DesiredNode(
             node=b.node, bundle_hash=b.hash, agent_version=cfg["hvha_version"],
             modules=tuple(cfg["modules"]), start_order=tuple(cfg["start_order"]),
-            config={k: v for k, v in cfg.items() if k not in ("modules", "start_order")})
+            config={k: v for k, v in cfg.items() if k not in ("modules", "start_order")},
+            agent_build=build)
     return out
 
 
@@ -117,6 +120,11 @@ def _agent(ctx: _Ctx) -> Change | None:
     if f.version != want:
         return Change(addr, ctx.node, Action.UPDATE, {"version": f.version}, {"version": want},
                       f"agent {f.version} -> {want}")
+    build = ctx.want.agent_build
+    if build is not None and f.build != build:
+        return Change(addr, ctx.node, Action.UPDATE, {"version": want, "build": f.build},
+                      {"version": want, "build": build},
+                      f"agent {want} rebuilt from other source ({f.build or 'unknown'} -> {build})")
     return None
 
 
@@ -187,6 +195,9 @@ def _service(ctx: _Ctx) -> Change | None:
     if f.version is not None and f.version != ctx.want.agent_version:
         restart = True
         reasons.append(f"restart to run agent {ctx.want.agent_version}")
+    elif ctx.want.agent_build is not None and f.installed and f.build != ctx.want.agent_build:
+        restart = True
+        reasons.append(f"restart to run agent build {ctx.want.agent_build}")
     if not reasons:
         return None
     if not restart:

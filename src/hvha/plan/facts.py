@@ -53,6 +53,7 @@ j() { if [ -z "$1" ]; then printf null; else
   printf '"%s"' "$(printf '%s' "$1" | tr -d '\000-\037' | sed 's/[\\"]/\\&/g')"; fi; }
 w() { [ -r "$1" ] && awk 'NR==1{print $1; exit}' "$1" 2>/dev/null; }
 x=false; v=; [ -x "$P/bin/hvha" ] && x=true && v=$("$P/bin/hvha" --version 2>/dev/null)
+bd=$(w "$P/hvha-build")
 sd=; command -v systemctl >/dev/null 2>&1 && sd=$(systemctl show -p LoadState \
   -p ActiveState -p SubState -p UnitFileState "$U" 2>/dev/null | tr '\n' ' ')
 pid=$(w "$F"); a=false
@@ -74,8 +75,9 @@ printf '{"facts_format":1,"host":%s,"uid":%s,"prefix":%s,"state_dir":%s,"hvha":%
 printf '"version":%s,"bundle_pushed":%s,"bundle_running":%s,"systemd":%s,"pid":%s,' \
   "$(j "$v")" "$(j "$(w "$E/node.bundle.sha256")")" "$(j "$(w "$S/bundle/BUNDLE_HASH")")" \
   "$(j "$sd")" "$(j "$pid")"
-printf '"pid_alive":%s,"addresses":%s,"config":%s,"status":%s,"bundle_check":%s}\n' \
+printf '"pid_alive":%s,"addresses":%s,"config":%s,"status":%s,"bundle_check":%s,' \
   "$a" "$(j "$ad")" "${c:-null}" "${st:-null}" "${bc:-null}"
+printf '"build":%s}\n' "$(j "$bd")"
 """
 
 # Run by the node's venv python: the hash of the pushed bundle computed from its content (so an
@@ -180,6 +182,7 @@ class NodeFacts:
     host: str | None = None
     installed: bool = False  # <prefix>/bin/hvha exists
     version: str | None = None  # what it says with --version; None if absent or broken
+    build: str | None = None  # the source-tree key apply installed (<prefix>/hvha-build)
     bundle_pushed: str | None = None  # the last bundle apply put in /etc/hvha
     bundle_running: str | None = None  # the bundle the agent extracted when it last started
     # node.bundle's content does not match its .sha256 record: edited on the node
@@ -270,6 +273,7 @@ class _Reader:
         intact = check.get("running_intact")
         return NodeFacts(
             node=self.node, host=self.get("host", str), installed=installed, version=version,
+            build=self.get("build", str),
             bundle_pushed=computed or recorded,
             bundle_tampered=recorded is not None and computed is not None and computed != recorded,
             running_intact=intact if isinstance(intact, bool) else None,
@@ -363,6 +367,7 @@ def facts_digest(facts: NodeFacts) -> str:
         "node": facts.config.node, "modules": list(facts.config.modules),
         "sections": dict(facts.config.sections)}
     doc = {"node": facts.node, "installed": facts.installed, "version": facts.version,
+           "build": facts.build,
            "pushed": facts.bundle_pushed, "running": facts.bundle_running,
            "tampered": facts.bundle_tampered, "intact": facts.running_intact,
            "service": facts.service.value, "addresses": facts.addresses, "status": status,

@@ -76,6 +76,9 @@ class DesiredNode:
     modules: tuple[Mapping[str, Json], ...]
     start_order: tuple[str, ...] = ()
     config: Mapping[str, Json] = field(default_factory=dict)
+    # the source tree's key when hvha runs from one (see hvha.apply.package): a node whose
+    # agent was built from other source is upgraded even though the version is the same
+    agent_build: str | None = None
 
 
 @dataclass(frozen=True)
