@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -241,7 +242,17 @@ class Ports:
                                      "the hvha service")
         from hvha.replication.build import build_replicator
 
-        built: Replicator | None = build_replicator(m, self.config, self.state_dir)
+        built: Replicator | None = None
+        try:
+            for rep in m["replicated"]:
+                if not os.path.isdir(rep["path"]):
+                    log.warning("module %s: creating the replicated directory %s", name,
+                                rep["path"])
+                    os.makedirs(rep["path"], mode=0o755, exist_ok=True)
+            built = build_replicator(m, self.config, self.state_dir)
+        except OSError as exc:  # the module waits for an operator rather than kill the agent
+            log.error("module %s: cannot set up replication: %s (the module waits for "
+                      "`hvha prim`)", name, exc)
         replicator = built if built is not None else PendingReplication(
             self.state_dir / "modules" / name / "data-ok")
         self._replicators[name] = (key, replicator)

@@ -101,8 +101,9 @@ class NodeRunner:
                               "listing the wheels on the node").split())
         sent = 0
         for name in wheelhouse.wheels:
-            if name in present:
-                continue  # wheel file names carry name, version and build tags
+            if name in present and not name.startswith("hvha-"):
+                continue  # dependencies: the file name carries name, version and build tags
+            # (hvha's own wheel keeps its name across builds of one version: always sent)
             self.t.put((wheelhouse.directory / name).read_bytes(), f"{p.wheels}/{name}", 0o644)
             sent += 1
         pin = version.split()[-1]
@@ -112,8 +113,8 @@ class NodeRunner:
                f"--find-links {q(p.wheels)}")
         # the same version may be another build of it: hvha's own wheel is always reinstalled
         self.sh(f"set -e; [ -x {q(p.prefix)}/bin/python ] || python3 -m venv {q(p.prefix)}\n"
-                f"{pip} --upgrade hvha=={q(pin)}\n"
                 f"{pip} --no-deps --force-reinstall {q(p.wheels)}/{q(own)}\n"
+                f"{pip} hvha=={q(pin)}\n"  # now with this build's dependencies
                 f"printf '%s\\n' {q(wheelhouse.key)} > {q(p.prefix)}/hvha-build",
                 f"installing hvha {pin} into {p.prefix}", timeout=600)
         return f"hvha {pin} in {p.prefix} ({sent} of {len(wheelhouse.wheels)} wheels sent)"

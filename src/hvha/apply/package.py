@@ -79,7 +79,7 @@ def build(root: Path | None = None) -> Wheelhouse:
     key = source_key(root)
     final = cache_dir() / key
     if final.is_dir():
-        return from_directory(final)
+        return Wheelhouse(final, from_directory(final).wheels, key)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
     try:
@@ -95,7 +95,7 @@ def build(root: Path | None = None) -> Wheelhouse:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return from_directory(final)
+    return Wheelhouse(final, from_directory(final).wheels, key)
 
 
 def local_build() -> str | None:

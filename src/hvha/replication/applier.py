@@ -139,6 +139,12 @@ class Applier:
                 if self._active is chan:
                     self._active = None
 
+    @property
+    def connected(self) -> bool:
+        """A primary's session is being served right now."""
+        with self._lock:
+            return self._active is not None
+
     def _handshake(self, sock: tls.Channel, reader: wire.FrameReader) -> bool:
         frame = reader.read()
         if frame.type != FrameType.HELLO:

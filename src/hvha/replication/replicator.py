@@ -106,6 +106,7 @@ class _Dir:
         self.gens = generations.load(self.state / "generations.json") or Generations(self.initial)
         self._save()
         self.primary = False
+        self.peer_synced = False  # secondary: the live session started in sync or caught up
         self.refused = ""
         self.last_error = ""
         self.mount: MirrorMount | None = None
@@ -142,6 +143,7 @@ class _Dir:
             except (KeyError, ValueError) as exc:
                 return f"bad generations in hello: {exc}"
             d = plan(self.gens, peer, self.initial)
+            self.peer_synced = d is Decision.IN_SYNC
             if d in FROM_PEER:
                 if not self.gens.inconsistent:
                     self.gens = generations.resync_started(self.gens)
@@ -163,6 +165,7 @@ class _Dir:
         with self._lock:
             self.gens = generations.resync_finished(self.gens, Generations.from_dict(source))
             self._save()
+            self.peer_synced = True
         log.info("replication %s: resync from %s finished, copy consistent", self.ident,
                  self.s.peer)
 
@@ -314,8 +317,10 @@ class _Dir:
     # -- views
     def in_sync(self) -> bool:
         st = self.stream
-        return bool(st is not None and st.in_sync and self.dirty is not None
-                    and self.dirty.is_clean())
+        if st is None:  # secondary: the primary's session is live and this copy caught up
+            return (self.applier.connected and self.peer_synced
+                    and not self.gens.inconsistent)
+        return bool(st.in_sync and self.dirty is not None and self.dirty.is_clean())
 
     def status(self) -> dict[str, Any]:
         st = self.stream
@@ -330,7 +335,7 @@ class _Dir:
         else:
             out.update(mode="secondary", in_sync=None, applier_sessions=self.applier.sessions,
                        applier_error=self.applier.last_error)
-        out["in_sync"] = self.in_sync() if st is not None else None
+        out["in_sync"] = self.in_sync()
         return out
 
 
