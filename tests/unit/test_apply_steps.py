@@ -86,6 +86,8 @@ def test_settled_means_one_primary_and_one_secondary() -> None:
     assert unsettled({"node1": _st(("web", "PRIM", "")),
                       "node2": _st(("web", "PRIM", ""))}) != []  # never settled: dual primary
     assert unsettled({"node1": _st(("web", "ALONE", "")), "node2": None}) == []
+    assert unsettled({"node1": _st(("web", "ALONE", "peer in resync")),
+                      "node2": _st(("web", "SECOND", ""))}) != []
 
 
 def test_supervisor_backoff_doubles_then_resets() -> None:

@@ -241,8 +241,10 @@ def unsettled(status: Mapping[str, dict[str, Any] | None]) -> list[str]:
         # stopped it; "not started" is an agent still waiting for its peer
         stopped = all(r.startswith("STOP") and "not started" not in r
                       for r in by_node.values())
-        if stopped or (primaries == 1 and all(r in SETTLED for r in names)
-                       and (running < 2 or "SECOND" in names or "ALONE" in names)):
+        # with both agents up, ALONE means the mirror is not in sync yet (a resync runs)
+        paired = sorted(names) == ["PRIM", "SECOND"]
+        if stopped or paired or (running < 2 and primaries == 1
+                                 and all(r in SETTLED for r in names)):
             continue
         bad.append(f"{module}: " + ", ".join(f"{n} {r}" for n, r in sorted(by_node.items())))
     return bad

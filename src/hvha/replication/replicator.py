@@ -372,7 +372,7 @@ class MirrorReplicator:
         return all(generations.may_promote(d.gens) for d in self._dirs)
 
     def in_sync(self) -> bool:
-        return all(d.primary and d.in_sync() for d in self._dirs)
+        return all(d.in_sync() for d in self._dirs)
 
     def generation(self) -> str:
         return ",".join(f"{d.gens.current:016x}" for d in self._dirs)
