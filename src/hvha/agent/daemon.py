@@ -35,6 +35,7 @@ from hvha.agent.bundle_io import (
     running_digests,
     running_hash,
 )
+from hvha.agent.fences import valid_gen
 from hvha.agent.frames import HEARTBEAT_KEY_PURPOSE, Frame, derive_key
 from hvha.agent.fsm import Ev, Policy, Role
 from hvha.agent.heartbeat import (
@@ -85,6 +86,7 @@ class Agent:
         for m in sorted(config["modules"], key=lambda m: m["start_rank"]):
             self.modules[m["name"]] = self._runtime(m, ports.build(m, self))
         self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._reload_lock = asyncio.Lock()
         self._stopping = False
         self._startup_task: asyncio.Task[None] | None = None
@@ -110,6 +112,25 @@ class Agent:
         runtime = self.modules.get(module)
         if runtime is not None:  # a late verdict for a module a reload removed is dropped
             runtime.post(kind, **fields)
+
+    def generation(self, module: str) -> str | None:
+        """The module's data generation for lease claims (None: it replicates nothing)."""
+        runtime = self.modules.get(module)
+        gen = runtime.replicator.generation() if runtime is not None else None
+        return gen if valid_gen(gen) else None
+
+    def outdate_blocking(self, module: str, gen: str, timeout: float) -> bool:
+        """From a replication thread: record at the witness that this node writes ``module``
+        alone from ``gen`` on; blocks until answered (the writes wait: DRBD's fence-peer)."""
+        loop = self._loop
+        if loop is None:
+            return False
+        fut = asyncio.run_coroutine_threadsafe(self.leases.outdate(module, gen), loop)
+        try:
+            return fut.result(timeout)
+        except Exception:  # timeout, loop closed: not recorded
+            fut.cancel()
+            return False
 
     def primaries(self) -> list[str]:
         return [n for n, m in self.modules.items() if m.state.role.primary]
@@ -160,6 +181,7 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         from hvha.agent.control import ControlServer  # the socket server is an edge
 
+        self._loop = asyncio.get_running_loop()
         self.guard.start()
         for runtime in self.modules.values():
             runtime.start()

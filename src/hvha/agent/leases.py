@@ -31,6 +31,7 @@ class Verdict:
     valid_until: float  # node monotonic clock; meaningful when granted
     holder: str | None = None
     ttl: float = 0.0  # refused: seconds left on the holder's lease
+    why: str = ""  # "outdated": ``holder`` wrote without this node (hvha.agent.fences)
 
 
 class WitnessUnreachableError(Exception):
@@ -38,14 +39,14 @@ class WitnessUnreachableError(Exception):
 
 
 class WitnessPort(Protocol):
-    async def request(self, claims: list[tuple[str, str]]) -> dict[str, Verdict]: ...
+    async def request(self, claims: list[tuple[str, ...]]) -> dict[str, Verdict]: ...
 
 
 class NoWitness:
     """No arbitration: every claim is granted for ever. Two primaries are possible."""
 
-    async def request(self, claims: list[tuple[str, str]]) -> dict[str, Verdict]:
-        return {m: Verdict(True, float("inf")) for m, mode in claims if mode != "release"}
+    async def request(self, claims: list[tuple[str, ...]]) -> dict[str, Verdict]:
+        return {c[0]: Verdict(True, float("inf")) for c in claims if c[1] != "release"}
 
 
 class PingWitness:
@@ -57,14 +58,14 @@ class PingWitness:
         self._validity = validity
         self._clock = clock
 
-    async def request(self, claims: list[tuple[str, str]]) -> dict[str, Verdict]:
+    async def request(self, claims: list[tuple[str, ...]]) -> dict[str, Verdict]:
         now = self._clock()
         result = self._reachable()
         ok = bool(await result) if asyncio.isfuture(result) or asyncio.iscoroutine(result) \
             else bool(result)
         if not ok:
             raise WitnessUnreachableError("no ping target answers")
-        return {m: Verdict(True, now + self._validity) for m, mode in claims if mode != "release"}
+        return {c[0]: Verdict(True, now + self._validity) for c in claims if c[1] != "release"}
 
 
 class Poster(Protocol):
@@ -127,7 +128,8 @@ class LeaseManager:
     async def round(self) -> None:
         """One request to the witness with every claim; outcomes become module events."""
         held = [m for m in self.poster.primaries() if m not in self.acquiring]
-        claims = ([(m, "renew") for m in held] + [(m, "acquire") for m in sorted(self.acquiring)]
+        claims = ([self._claim(m, "renew") for m in held]
+                  + [self._claim(m, "acquire") for m in sorted(self.acquiring)]
                   + [(m, "release") for m in sorted(self.releasing)])
         if not claims:
             return
@@ -146,8 +148,9 @@ class LeaseManager:
         if self.unreachable_since is not None:
             log.info("witness reachable again")
         self.unreachable_since = None
-        self.releasing -= {m for m, mode in claims if mode == "release"}
-        for module, mode in claims:
+        self.releasing -= {c[0] for c in claims if c[1] == "release"}
+        for claim in claims:
+            module, mode = claim[0], claim[1]
             verdict = verdicts.get(module)
             if mode == "release" or verdict is None:
                 continue
@@ -160,12 +163,31 @@ class LeaseManager:
                 self.valid_until.pop(module, None)
                 self.acquiring.discard(module)
                 who = f"held by {verdict.holder}" if verdict.holder else "refused"
+                if verdict.why == "outdated":
+                    who = (f"data outdated: {verdict.holder} wrote without this node; it must "
+                           "resync first (`hvha prim --force` accepts losing those writes)")
                 self.poster.post_to(module, Ev.LEASE_DENIED, detail=who)
                 if verdict.holder and 0 < verdict.ttl <= self.lease:
                     # Ask again the moment the holder's lease runs out, not at the next tick:
                     # after a crash that is what stands between us and the takeover.
                     asyncio.get_running_loop().call_later(
                         verdict.ttl + 0.02, self.poster.post_to, module, Ev.TICK)
+
+    def _claim(self, module: str, mode: str) -> tuple[str, ...]:
+        gen = getattr(self.poster, "generation", lambda _m: None)(module)
+        return (module, mode, gen) if gen else (module, mode)
+
+    async def outdate(self, module: str, gen: str) -> bool:
+        """Tell the witness that this node (the lease holder) writes alone from generation
+        ``gen`` on, so the peer's copy counts as outdated (hvha.agent.fences). True once the
+        witness recorded it; False if it refused (not the holder) or could not be reached."""
+        try:
+            verdicts = await self.witness.request([(module, "outdate", gen)])
+        except WitnessUnreachableError as exc:
+            log.warning("module %s: cannot outdate the peer's copy: %s", module, exc)
+            return False
+        verdict = verdicts.get(module)
+        return verdict is not None and verdict.granted
 
     async def _fence_loop(self) -> None:
         while True:

@@ -32,12 +32,13 @@ class ArbiterWitness:
     def __init__(self, client: WitnessClient) -> None:
         self.client = client
 
-    async def request(self, claims: list[tuple[str, str]]) -> dict[str, Verdict]:
+    async def request(self, claims: list[tuple[str, ...]]) -> dict[str, Verdict]:
         try:
             views = await self.client.request(claims)
         except WitnessUnreachable as exc:
             raise WitnessUnreachableError(str(exc)) from None
-        return {m: Verdict(v.granted, v.valid_until, v.holder, v.ttl) for m, v in views.items()}
+        return {m: Verdict(v.granted, v.valid_until, v.holder, v.ttl, v.why)
+                for m, v in views.items()}
 
 
 def witness_for(config: dict[str, Any], secret: bytes, state_dir: Path) -> WitnessPort:

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from hvha.agent.fences import FenceTable, valid_gen
 from hvha.agent.frames import (
     MAX_PAYLOAD_SIZE,
     U64_MAX,
@@ -69,37 +70,48 @@ class Mode(enum.StrEnum):
     ACQUIRE = "acquire"
     RENEW = "renew"
     RELEASE = "release"
+    OUTDATE = "outdate"  # the holder writes alone from generation ``gen`` on (hvha.agent.fences)
 
 
 class Claim(NamedTuple):
     module: str
     mode: Mode
+    gen: str | None = None  # the requester's data generation (replicated modules)
 
 
 class Grant(NamedTuple):
     """``granted``: the requester holds the lease after this claim (always False for release).
-    ``holder``: who holds it now (None: nobody); ``ttl``: seconds left of the holder's lease."""
+    ``holder``: who holds it now (None: nobody); ``ttl``: seconds left of the holder's lease.
+    ``why``: "outdated" when refused because ``holder`` wrote without the requester."""
 
     granted: bool
     holder: str | None
     ttl: float
+    why: str = ""
 
 
 def valid_name(name: object) -> bool:
     return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
 
 
-def make_claims(claims: Iterable[tuple[str, str]]) -> list[Claim]:
-    """Checked Claims; ValueError on a bad name or mode, or a module claimed twice."""
+def make_claims(claims: Iterable[tuple[str, ...]]) -> list[Claim]:
+    """Checked Claims from ``(module, mode[, gen])``; ValueError on a bad name, mode or
+    generation, or a module claimed twice."""
     out: list[Claim] = []
     seen: set[str] = set()
-    for module, mode in claims:
+    for item in claims:
+        module, mode = item[0], item[1]
+        gen = item[2] if len(item) > 2 else None
         if not valid_name(module):
             raise ValueError(f"invalid module name {module!r}")
         if module in seen:
             raise ValueError(f"module {module!r} is claimed twice in one request")
+        if gen is not None and not valid_gen(gen):
+            raise ValueError(f"invalid data generation {gen!r}")
+        if Mode(mode) is Mode.OUTDATE and gen is None:
+            raise ValueError("an outdate claim needs the writer's generation")
         seen.add(module)
-        out.append(Claim(module, Mode(mode)))
+        out.append(Claim(module, Mode(mode), gen))
     return out
 
 
@@ -113,11 +125,15 @@ def _dumps(doc: object) -> bytes:
 _REQUEST_OVERHEAD = len(_dumps({"nonce": "0" * NONCE_HEX_LEN, "claims": []}))
 _REPLY_OVERHEAD = len(_dumps({"nonce": "0" * NONCE_HEX_LEN, "grants": {}}))
 # Largest reply entry for a one-letter module, plus a separating comma.
-_REPLY_ENTRY = len(_dumps({"m": {"granted": False, "holder": "h" * 63, "ttl_ms": U64_MAX}})) - 1
+_REPLY_ENTRY = len(_dumps({"m": {"granted": False, "holder": "h" * 63, "ttl_ms": U64_MAX,
+                                  "why": "outdated"}})) - 1
 
 
 def _request_item(claim: Claim) -> dict[str, str]:
-    return {"module": claim.module, "mode": claim.mode.value}
+    item = {"module": claim.module, "mode": claim.mode.value}
+    if claim.gen is not None:
+        item["gen"] = claim.gen
+    return item
 
 
 def fits_one_frame(claims: Sequence[Claim], limit: int = MAX_PAYLOAD_SIZE) -> bool:
@@ -165,17 +181,19 @@ def parse_request(payload: bytes) -> tuple[str, list[Claim]]:
     items = doc.get("claims")
     if not isinstance(items, list) or not items:
         raise ValueError("claims must be a non-empty list")
-    pairs: list[tuple[Any, Any]] = []
+    pairs: list[tuple[Any, ...]] = []
     for item in items:
         if not isinstance(item, dict) or not isinstance(item.get("mode"), str):
             raise ValueError("each claim must be {module, mode}")
-        pairs.append((item.get("module"), item["mode"]))
+        gen = item.get("gen")
+        pairs.append((item.get("module"), item["mode"]) + ((gen,) if gen is not None else ()))
     return doc["nonce"], make_claims(pairs)  # make_claims checks the names
 
 
 def encode_reply(nonce: str, grants: Mapping[str, Grant]) -> bytes:
     body = {
-        module: {"granted": g.granted, "holder": g.holder, "ttl_ms": max(0, int(g.ttl * 1000))}
+        module: {"granted": g.granted, "holder": g.holder, "ttl_ms": max(0, int(g.ttl * 1000)),
+                 **({"why": g.why} if g.why else {})}
         for module, g in grants.items()
     }
     return _dumps({"nonce": nonce, "grants": body})
@@ -196,7 +214,10 @@ def parse_reply(payload: bytes) -> tuple[str, dict[str, Grant]]:
             raise ValueError(f"bad grant for {module!r}")
         if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or not 0 <= ttl_ms <= U64_MAX:
             raise ValueError(f"bad ttl_ms for {module!r}")
-        grants[module] = Grant(granted, holder, ttl_ms / 1000)
+        why = g.get("why", "")
+        if why not in ("", "outdated"):
+            raise ValueError(f"bad why for {module!r}")
+        grants[module] = Grant(granted, holder, ttl_ms / 1000, why)
     return doc["nonce"], grants
 
 
@@ -212,7 +233,9 @@ class Arbiter:
     """Lease table of one witness: module -> (holder, expiry). Pure: the clock is injected and
     every method takes an optional ``now``; logging is its only side effect."""
 
-    def __init__(self, lease: float, clock: Clock = time.monotonic) -> None:
+    def __init__(self, lease: float, clock: Clock = time.monotonic,
+                 fences: FenceTable | None = None,
+                 on_fence: Callable[[FenceTable], None] | None = None) -> None:
         if not (math.isfinite(lease) and 0 < lease <= MAX_LEASE):
             raise ValueError(f"lease must be in (0, {MAX_LEASE:g}] seconds, got {lease}")
         self.lease = lease
@@ -221,6 +244,8 @@ class Arbiter:
         self._clock = clock
         self.grace_ends = clock() + self.grace
         self._leases: dict[str, _Lease] = {}
+        self.fences = fences or FenceTable()
+        self._on_fence = on_fence  # persist before the grant is answered
         self._denied: dict[str, set[str]] = {}  # module -> nodes whose denial was logged
 
     def _now(self, now: float | None) -> float:
@@ -250,16 +275,35 @@ class Arbiter:
         return [m for m in list(self._leases) if self._live(m, t) is None]
 
     def handle(
-        self, node: str, claims: Iterable[tuple[str, str]], now: float | None = None
+        self, node: str, claims: Iterable[Sequence[Any]], now: float | None = None
     ) -> dict[str, Grant]:
         """Apply ``node``'s claims in order at witness time ``now``; one Grant per module."""
         t = self._now(now)
         grace = t < self.grace_ends
         out: dict[str, Grant] = {}
-        for module, raw_mode in claims:
-            mode = Mode(raw_mode)
+        for item in claims:
+            module, mode = item[0], Mode(item[1])
+            gen = item[2] if len(item) > 2 else None
             lease = self._live(module, t)
-            if mode is Mode.RELEASE:
+            fence = None if mode in (Mode.RELEASE, Mode.OUTDATE) else self.fences.blocks(
+                module, node, gen)
+            if mode is Mode.OUTDATE:
+                ok = lease is not None and lease.holder == node and gen is not None
+                if ok and gen is not None and self.fences.record(module, node, gen):
+                    if self._on_fence is not None:
+                        self._on_fence(self.fences)
+                    log.warning("module %s: %s writes alone (generation %s): the other copy "
+                                "is outdated until it resyncs", module, node, gen)
+                out[module] = self._view(ok, lease, t)
+            elif fence is not None:
+                out[module] = Grant(False, fence.node, 0.0, "outdated")
+                logged = self._denied.setdefault(module, set())
+                if node not in logged:
+                    logged.add(node)
+                    log.warning("module %s: %s denied to %s: its data is outdated (%s wrote "
+                                "alone, generation %s)", module, mode, node, fence.node,
+                                fence.gen)
+            elif mode is Mode.RELEASE:
                 if lease is not None and lease.holder == node:
                     del self._leases[module]
                     self._denied.pop(module, None)

@@ -81,6 +81,7 @@ class LeaseView:
     ttl: float
     sent_at: float
     valid_until: float
+    why: str = ""  # "outdated": refused because ``holder`` wrote without this node
 
 
 class LeaseTable:
@@ -167,8 +168,8 @@ class WitnessClient:
         self._clock = clock
         self._seq = 0
 
-    async def request(self, claims: Iterable[tuple[str, str]]) -> dict[str, LeaseView]:
-        """Send ``(module, mode)`` claims; the witness's answer per module.
+    async def request(self, claims: Iterable[tuple[str, ...]]) -> dict[str, LeaseView]:
+        """Send ``(module, mode[, generation])`` claims; the witness's answer per module.
 
         Claims that do not fit one frame are split into several requests sent at once; modules
         whose request got no answer are missing from the result. Raises WitnessUnreachable when
@@ -273,7 +274,7 @@ class WitnessClient:
             if grant.granted:
                 until = lease_valid_until(sent_at, grant.ttl, self.lease)
             results[claim.module] = LeaseView(
-                grant.granted, grant.holder, grant.ttl, sent_at, until
+                grant.granted, grant.holder, grant.ttl, sent_at, until, grant.why
             )
 
 

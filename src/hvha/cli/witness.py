@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hvha.agent.fences import FenceTable
 from hvha.agent.incarnation import next_incarnation
 from hvha.agent.witness import DEFAULT_PORT, MAX_LEASE, Arbiter, WitnessServer
 from hvha.cli.errors import UserError
@@ -100,15 +101,22 @@ def cmd_witness(args: argparse.Namespace) -> int:
         args.secret_env
     )
     incarnation = None  # random: nodes match replies by nonce, not by sequence
+    fences, on_fence = FenceTable(), None
     if args.state_dir is not None:
         try:
             incarnation = next_incarnation(args.state_dir)
+            path = Path(args.state_dir) / "fences.json"
+            fences = FenceTable.load(path)
         except (OSError, ValueError) as exc:
             raise UserError(f"--state-dir {args.state_dir}: {exc}") from None
+
+        def on_fence(table: FenceTable) -> None:
+            table.save(path)  # before the outdate is acknowledged
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = WitnessServer(Arbiter(lease), cluster=args.cluster, secret=secret, host=host,
+    server = WitnessServer(Arbiter(lease, fences=fences, on_fence=on_fence),
+                           cluster=args.cluster, secret=secret, host=host,
                            port=args.port, incarnation=incarnation)
     return asyncio.run(_serve(server, args.cluster))
 
