@@ -9,6 +9,7 @@ where the key hashes the source tree, so an unchanged tree is not rebuilt.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -81,6 +82,14 @@ def build(root: Path | None = None) -> Wheelhouse:
     if final.is_dir():
         return Wheelhouse(final, from_directory(final).wheels, key)
     final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / ".lock", "w") as lock:  # one build at a time per cache
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if final.is_dir():  # built by a concurrent hvha while we waited
+            return Wheelhouse(final, from_directory(final).wheels, key)
+        return _build_into(root, final, key)
+
+
+def _build_into(root: Path, final: Path, key: str) -> Wheelhouse:
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
     try:
         res = subprocess.run(

@@ -121,7 +121,8 @@ def _agent(ctx: _Ctx) -> Change | None:
         return Change(addr, ctx.node, Action.UPDATE, {"version": f.version}, {"version": want},
                       f"agent {f.version} -> {want}")
     build = ctx.want.agent_build
-    if build is not None and f.build != build:
+    # "given": installed from a wheelhouse the user built (--wheelhouse): versions decide
+    if build is not None and f.build != build and f.build != "given":
         return Change(addr, ctx.node, Action.UPDATE, {"version": want, "build": f.build},
                       {"version": want, "build": build},
                       f"agent {want} rebuilt from other source ({f.build or 'unknown'} -> {build})")
@@ -195,7 +196,8 @@ def _service(ctx: _Ctx) -> Change | None:
     if f.version is not None and f.version != ctx.want.agent_version:
         restart = True
         reasons.append(f"restart to run agent {ctx.want.agent_version}")
-    elif ctx.want.agent_build is not None and f.installed and f.build != ctx.want.agent_build:
+    elif (ctx.want.agent_build is not None and f.installed and f.build != "given"
+          and f.build != ctx.want.agent_build):
         restart = True
         reasons.append(f"restart to run agent build {ctx.want.agent_build}")
     if not reasons:
