@@ -5,7 +5,15 @@ is exposed on the network. Requests: ``{"cmd": "status"}``, ``{"cmd": "swap", "m
 (also start, stop, prim, second, restart), ``{"cmd": "checkers"|"failover", "module": m,
 "on": bool}``, ``{"cmd": "reload"}`` (load the bundle file again: see
 :meth:`hvha.agent.daemon.Agent.reload` for the reply). A module command answers once the module
-has handled it (or after ``wait``).
+has handled it (or after ``wait``). ``{"cmd": "prim", "module": m, "force": true}`` promotes a
+node whose copy is half-synced (without ``force`` such a ``prim`` is refused).
+
+Replication (answered by the module's replicator, see hvha.replication.dirops):
+``{"cmd": "verify", "module": m}`` -> ``{"ok", "equal", "dirs": [{"path", "resyncing",
+"differences": [{"path", "kind", "detail"}]}]}``; ``{"cmd": "resync", "module": m, "full":
+true}`` -> ``{"ok", "messages"}``; ``{"cmd": "resolve", "module": m, "discard": node}`` ->
+``{"ok", "action": "local"|"peer", "aside": [dirs], "messages"}``. Errors are ``{"ok": false,
+"error": what to do}``.
 """
 
 from __future__ import annotations
@@ -20,9 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from hvha.agent.fsm import Ev
+from hvha.replication.admin import OperatorError
 
 log = logging.getLogger("hvha.agent")
 
+REPLICATION = ("verify", "resync", "resolve")
 COMMANDS = {"start": Ev.CMD_START, "stop": Ev.CMD_STOP, "prim": Ev.CMD_PRIM,
             "second": Ev.CMD_SECOND, "swap": Ev.CMD_SWAP, "restart": Ev.CMD_RESTART}
 
@@ -88,6 +98,14 @@ class ControlServer:
         if runtime is None:
             known = ", ".join(sorted(self.agent.modules))
             return {"ok": False, "error": f"no module '{module}' on this node (modules: {known})"}
+        if cmd in REPLICATION:
+            return await self._replication(cmd, str(module), runtime, request)
+        forced: list[str] = []
+        if cmd == "prim":
+            try:
+                forced = await self._prim_data(str(module), runtime, bool(request.get("force")))
+            except OperatorError as exc:
+                return {"ok": False, "error": str(exc)}
         marker: Path = self.agent.stopped_marker(module)
         if cmd in COMMANDS:
             if cmd == "stop":
@@ -105,7 +123,45 @@ class ControlServer:
             return {"ok": False, "error": f"unknown command '{cmd}'"}
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(runtime.settle(), timeout=float(request.get("wait", 600)))
-        return {"ok": True, "module": runtime.status()}
+        return {"ok": True, "module": runtime.status(), **({"forced": forced} if forced else {})}
+
+    async def _prim_data(self, module: str, runtime: Any, force: bool) -> list[str]:
+        """`prim` on a node whose copy is not good (half-synced): refused without force; with
+        it the copy is declared good (the replicator logs a warning). The forced paths."""
+        rep = runtime.replicator
+        if rep.data_ok():
+            return []
+        if not force:
+            raise OperatorError(f"the data of {module} on this node is not up to date (a "
+                                "resync into it did not finish): promoting it loses what it "
+                                f"misses; `hvha prim {module} --force` does it anyway")
+        log.warning("module %s: prim FORCED by the operator on data that is not up to date",
+                    module)
+        promote = getattr(rep, "force_promote", None)
+        return list(await asyncio.to_thread(promote)) if promote is not None else []
+
+    async def _replication(self, cmd: str, module: str, runtime: Any,
+                           request: dict[str, Any]) -> dict[str, Any]:
+        rep = runtime.replicator
+        if getattr(rep, "verify", None) is None:
+            return {"ok": False, "error": f"module {module} replicates no directory here (or "
+                    "its replication is not running: see the agent's log)"}
+        try:
+            if cmd == "verify":
+                return {"ok": True, **await asyncio.to_thread(rep.verify)}
+            if cmd == "resync":
+                if not request.get("full"):
+                    return {"ok": False, "error": "only a full resync can be asked for "
+                            "(`hvha resync MODULE --full`); incremental ones run by themselves"}
+                return {"ok": True, "messages": await asyncio.to_thread(rep.force_full_resync)}
+            discard = str(request["discard"])
+            return {"ok": True, **await asyncio.to_thread(rep.resolve, discard)}
+        except OperatorError as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:  # the agent runs on: say so rather than hang up
+            log.exception("%s %s failed", cmd, module)
+            return {"ok": False, "error": f"{cmd} failed: {type(exc).__name__}: {exc} (see the "
+                    "agent's log)"}
 
 
 def call(path: Path, request: dict[str, Any], timeout: float = 630) -> dict[str, Any]:

@@ -212,7 +212,8 @@ def _settle_standby(s: State, now: float, p: Policy) -> Result:
         actions = [] if s.role is Role.SECOND else [Action.REPL_SECONDARY]
         return replace(_go(s, Role.SECOND, "following the primary", now), acquiring=False), actions
     if not s.data_ok:
-        return _go(s, Role.WAIT, "data not up to date: `hvha prim` forces this node", now), []
+        return _go(s, Role.WAIT, "data not up to date: `hvha prim --force` promotes it anyway",
+                   now), []
     if s.peer_alive:
         peer_gone = s.peer_role in (None, Role.STOP)
         go_first = (p.designated or peer_gone or not s.peer_data_ok

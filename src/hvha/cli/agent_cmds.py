@@ -1,6 +1,6 @@
 """Node-side commands: `hvha agent`, `hvha status`, `hvha state`, `hvha reload`, and the module
-commands (`start`, `stop`, `restart`, `prim`, `second`, `swap`, `checker on|off`,
-`failover on|off`).
+commands (`start`, `stop`, `restart`, `prim [--force]`, `second`, `swap`, `checker on|off`,
+`failover on|off`). Replication commands (verify, resync, resolve): replication_cmds.py.
 
 The operator commands talk to the local agent over its control socket
 (``--socket``, ``$HVHA_SOCKET``, default ``/var/lib/hvha/control.sock``).
@@ -75,6 +75,10 @@ def register(sub: Any) -> None:
         p = sub.add_parser(name, help=text)
         _socket_arg(p)
         p.add_argument("module")
+        if name == "prim":
+            p.add_argument("--force", action="store_true",
+                           help="promote even if this node's copy is half-synced (a resync "
+                           "into it did not finish): what it misses is lost")
         p.set_defaults(func=cmd_module, command=name)
 
     for name, text in (("checker", "maintenance: turn the module's checkers on or off"),
@@ -147,15 +151,19 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return 0
 
 
-def render_status(status: dict[str, Any]) -> Any:
+def render_status(status: dict[str, Any], *, bars: bool = False) -> Any:
+    """The status table; with bars, a progress bar under it for each running resync."""
+    from rich.markup import escape
     from rich.table import Table
+
+    from hvha.cli.replication_cmds import replication_line, resync_bars
 
     node, peer = status["node"], status["peer"]
     table = Table(title=f"cluster {status['cluster']}: {node} (this node), {peer} "
                   f"({'alive' if status['peer_alive'] else 'NOT HEARD'}), witness "
                   f"{status['witness']['mode']}"
                   f"{'' if status['witness']['reachable'] else ' UNREACHABLE'}")
-    for col in ("module", node, peer, "primary", "since", "why"):
+    for col in ("module", node, peer, "primary", "since", "why", "replication"):
         table.add_column(col)
     for m in status["modules"]:
         mine, theirs = m["role"], m["peer_role"] or ("?" if status["peer_alive"] else "-")
@@ -164,8 +172,19 @@ def render_status(status: dict[str, Any]) -> Any:
         since = m["history"][-1]["at"] if m["history"] else status["started"]
         table.add_row(m["module"], f"[{COLOURS.get(mine, 'white')}]{mine}[/]",
                       f"[{COLOURS.get(theirs, 'white')}]{theirs}[/]", primary,
-                      time.strftime("%H:%M:%S", time.localtime(since)), m["reason"])
-    return table
+                      time.strftime("%H:%M:%S", time.localtime(since)), m["reason"],
+                      escape(replication_line(m, node, peer)))
+    running = resync_bars(status) if bars else []
+    if not running:
+        return table
+    from rich.console import Group
+    from rich.progress_bar import ProgressBar
+
+    grid = Table.grid(padding=(0, 1))
+    for name, pct, line in running:
+        grid.add_row(escape(name), ProgressBar(total=100.0, completed=pct, width=40),
+                     escape(line))
+    return Group(table, grid)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -180,10 +199,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not args.watch:
         console.print(render_status(status))
         return 0
-    with Live(render_status(status), console=console, refresh_per_second=2) as live:
+    bars = console.is_terminal  # progress bars where a person watches
+    with Live(render_status(status, bars=bars), console=console, refresh_per_second=2) as live:
         while True:
             time.sleep(1)
-            live.update(render_status(_call(args, {"cmd": "status"})["status"]))
+            live.update(render_status(_call(args, {"cmd": "status"})["status"], bars=bars))
 
 
 def cmd_state(args: argparse.Namespace) -> int:
@@ -198,7 +218,14 @@ def cmd_state(args: argparse.Namespace) -> int:
 
 
 def cmd_module(args: argparse.Namespace) -> int:
-    reply = _call(args, {"cmd": args.command, "module": args.module})
+    request = {"cmd": args.command, "module": args.module}
+    if getattr(args, "force", False):
+        request["force"] = True
+    reply = _call(args, request)
+    for path in reply.get("forced", []):
+        sys.stderr.write(f"hvha: WARNING: {path} was half-synced (a resync into it did not "
+                         "finish) and is now taken as the good copy: data it missed is lost, "
+                         "and the peer's copy will be overwritten from it\n")
     m = reply["module"]
     print(f"{m['module']}: {m['role']} ({m['reason']})")
     return 0

@@ -20,7 +20,8 @@ from hvha.cli.errors import UserError
 
 __all__ = ["UserError", "main"]
 
-COMMAND_MODULES = ("config_cmds", "plan_cmds", "apply_cmds", "lab", "agent_cmds", "witness")
+COMMAND_MODULES = ("config_cmds", "plan_cmds", "apply_cmds", "lab", "agent_cmds",
+                   "replication_cmds", "witness")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -16,84 +16,36 @@ the mirror mount are tested separately. This module owns their lifecycle for ONE
 Directory i of a module uses port + i (see build.py for a module's port). Generations, dirty
 maps and resync checkpoints live in <state>/replication/<module>/<dir key>/.
 The secondary learns that a resync into it finished from an "hvha-synced" query sent in order
-after the resync (answered by `_SyncedTree`), and only then takes the source's generation.
-The pure rules (what to do when the copies meet) are in plan.py; this is the side effects."""
+after the resync (answered by `dirparts.SyncedTree`), and only then takes the source's
+generation. Rules: plan.py and admin.py (admin.meet); operator commands: dirops.py."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import ssl
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hvha.replication import blocks, generations, tls, wire
-from hvha.replication.applier import Applier, ReadOnlyGuard, TreeWriter, read_only_guard
+from hvha.replication import admin, blocks, dirops, generations, tls, wire
+from hvha.replication.admin import REFUSALS, OperatorError, meet
+from hvha.replication.applier import ReadOnlyGuard, read_only_guard
+from hvha.replication.dirops import DirOps
+from hvha.replication.dirparts import SYNCED_QUERY, DirApplier, Settings, creds_for
 from hvha.replication.dirty import DirtyStore
 from hvha.replication.generations import Decision, Generations
 from hvha.replication.mount import MirrorMount
-from hvha.replication.plan import FROM_PEER, TO_PEER, begin_primary, dir_key, initial_id, plan
+from hvha.replication.plan import FROM_PEER, TO_PEER, begin_primary, dir_key, initial_id
 from hvha.replication.stream import Mode, PeerRefused, Stream
 
+__all__ = ["MirrorReplicator", "OperatorError", "creds_for"]
 log = logging.getLogger("hvha.replication")
-SYNCED_QUERY = "hvha-synced"
-
-
-def creds_for(tls_dir: Path, node: str) -> tls.NodeCreds | None:
-    """This node's TLS files (ca.crt, <node>.crt, <node>.key as written by tls.issue_node_cert),
-    or None if one is missing."""
-    c = tls.NodeCreds(tls_dir / "ca.crt", tls_dir / f"{node}.crt", tls_dir / f"{node}.key", node)
-    return c if all(p.exists() for p in (c.ca_cert, c.cert, c.key)) else None
-
-
-# ------------------------------------------------------------------ the secondary's applier
-class _SyncedTree(TreeWriter):
-    """The applier's tree, plus the "hvha-synced" query (the resync into this copy finished)."""
-
-    def __init__(self, root: str | Path, on_synced: Callable[[dict[str, Any]], None]) -> None:
-        super().__init__(root)
-        self.on_synced = on_synced
-
-    def query(self, payload: bytes) -> bytes:
-        if b'"q":"' + SYNCED_QUERY.encode() + b'"' in payload:
-            try:
-                self.on_synced(wire.decode_json(payload)["generations"])
-            except (OSError, ValueError, KeyError, TypeError, wire.WireError) as exc:
-                return b"\1" + f"{type(exc).__name__}: {exc}".encode()
-            return b"\0true"
-        return super().query(payload)
-
-
-class _Applier(Applier):
-    def __init__(self, root: Path, on_synced: Callable[[dict[str, Any]], None],
-                 **kw: Any) -> None:
-        super().__init__(root, **kw)
-        self.tree.close()
-        self.tree = _SyncedTree(root, on_synced)
-
-
-@dataclasses.dataclass
-class Settings:
-    module: str
-    node: str
-    peer: str
-    my_address: str
-    peer_address: str
-    creds: tls.NodeCreds
-    state_dir: Path
-    zone_size: int
-    streams: int
-    timeout: float
-    connect_timeout: float
-    retry: float
 
 
 # ------------------------------------------------------------------ one directory
-class _Dir:
+class _Dir(DirOps):
     """One replicated directory: applier + guard always, mount + stream + worker when primary."""
 
     def __init__(self, s: Settings, path: Path, index: int, port: int) -> None:
@@ -108,7 +60,9 @@ class _Dir:
         self.primary = False
         self.peer_synced = False  # secondary: the live session started in sync or caught up
         self.refused = ""
-        self.last_error = ""
+        self.conflict = self.last_error = ""  # conflict: what an operator must settle
+        self.full_requested = self.discard_peer = False  # see dirops
+        self._busy = ""  # why hellos are refused now: closing, or moving the copy aside
         self.mount: MirrorMount | None = None
         self.stream: Stream | None = None
         self.dirty: DirtyStore | None = None
@@ -117,7 +71,7 @@ class _Dir:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._worker: threading.Thread | None = None
-        self.applier = _Applier(path, self._on_synced, node=s.node, peer=s.peer,
+        self.applier = DirApplier(path, self._on_synced, node=s.node, peer=s.peer,
                                 module=self.ident, ctx=tls.server_context(s.creds),
                                 host=s.my_address, port=port,
                                 generations=self._gens_dict, on_hello=self._on_hello)
@@ -130,7 +84,10 @@ class _Dir:
 
     def _gens_dict(self) -> dict[str, Any]:
         with self._lock:
-            return self.gens.as_dict()
+            out = self.gens.as_dict()
+            if self.discard_peer and self.primary:
+                out["discard"] = self.s.peer  # the operator's word; see _on_hello
+            return out
 
     def _on_hello(self, hello: wire.Hello) -> str | None:
         """Secondary side: accept the primary's session, or say why not."""
@@ -138,11 +95,20 @@ class _Dir:
             if self.primary:
                 return (f"{self.s.node} is primary for {self.s.module} itself: two primaries; "
                         "stop the module on one node")
+            if self._busy:
+                return self._busy
             try:
                 peer = Generations.from_dict(hello.generations)
             except (KeyError, ValueError) as exc:
                 return f"bad generations in hello: {exc}"
-            d = plan(self.gens, peer, self.initial)
+            d = meet(self.gens, peer, self.initial)
+            if d in REFUSALS and hello.generations.get("discard") == self.s.node:
+                try:  # `hvha resolve --discard <this node>` run on the primary
+                    self._discard()
+                except OperatorError as exc:
+                    return str(exc)
+                d = meet(self.gens, peer, self.initial)
+            self.conflict = d.value if d in REFUSALS else ""
             self.peer_synced = d is Decision.IN_SYNC
             if d in FROM_PEER:
                 if not self.gens.inconsistent:
@@ -154,12 +120,12 @@ class _Dir:
             if d is Decision.IN_SYNC:
                 return None
             if d in TO_PEER:
-                return (f"{self.s.node} holds newer data of {self.s.module} than {self.s.peer}: "
-                        f"make {self.s.node} primary, or discard its changes with "
-                        f"`hvha resync {self.s.module} --full` from {self.s.peer}")
+                return (f"{d.value}: {self.s.node} holds newer data of {self.s.module} than "
+                        f"{self.s.peer}: make {self.s.node} primary, or discard its changes "
+                        f"with `hvha resolve {self.s.module} --discard {self.s.node}`")
             return (f"{d.value}: the copies of {self.s.module} on {self.s.node} and "
-                    f"{self.s.peer} both changed; an operator must pick the survivor "
-                    f"(`hvha resync {self.s.module} --full` from it)")
+                    f"{self.s.peer} both changed; an operator must pick the copy to discard: "
+                    f"`hvha resolve {self.s.module} --discard NODE`")
 
     def _on_synced(self, source: dict[str, Any]) -> None:
         with self._lock:
@@ -240,6 +206,8 @@ class _Dir:
             self.guard = read_only_guard(self.path)
 
     def close(self) -> None:
+        with self._lock:  # a hello accepted now would mark this copy inconsistent for nothing
+            self._busy = f"{self.s.node} is stopping the replication of {self.s.module}"
         self.leave_primary()
         if self.guard is not None:
             self.guard.release()
@@ -258,6 +226,7 @@ class _Dir:
                 log.error("replication %s: %s; not replicating until that is resolved",
                           self.ident, exc)
             self.refused = self.last_error = str(exc)
+            self.conflict = admin.conflict_of(self.refused)
         except (OSError, ssl.SSLError, ConnectionError, wire.WireError) as exc:
             self.last_error = f"peer {self.s.peer} unreachable: {exc}"
             log.debug("replication %s: %s", self.ident, self.last_error)
@@ -270,11 +239,13 @@ class _Dir:
                 return
             if hello is None and stream.mode is Mode.ALONE:
                 hello = self._connect(self.s.connect_timeout)
-                if hello is None:
-                    self._stop.wait(self.s.retry * (10 if self.refused else 1))
+                if hello is None:  # an operator command sets _wake to retry at once
+                    self._wake.wait(self.s.retry * (10 if self.refused else 1))
+                    self._wake.clear()
                     continue
             if hello is not None:
-                self.refused = ""
+                self.refused = self.conflict = ""
+                self.discard_peer = False
                 try:
                     self._sync(stream, Generations.from_dict(hello))
                 except Exception as exc:  # the peer went away mid-resync: retry
@@ -291,20 +262,24 @@ class _Dir:
     def _sync(self, stream: Stream, peer: Generations) -> None:
         with self._lock:
             local = self.gens
-        d = plan(local, peer, self.initial)
+        d = meet(local, peer, self.initial)
         if d not in (Decision.IN_SYNC, *TO_PEER):
+            self.conflict = d.value
             self.refused = (f"{d.value}: {self.s.peer}'s copy of {self.s.module} is newer or "
-                            "diverged; refusing to replicate over it; an operator must decide "
-                            f"(`hvha resync {self.s.module} --full` from the survivor)")
+                            "diverged; refusing to replicate over it; an operator must pick "
+                            f"the copy to discard: `hvha resolve {self.s.module} --discard NODE`")
             log.error("replication %s: %s", self.ident, self.refused)
             stream.detach(self.refused)
             return
         assert self.dirty is not None
-        full = d is Decision.FULL_RESYNC_TO_PEER
-        log.info("replication %s: connected to %s: %s", self.ident, self.s.peer, d.value)
+        full = d is Decision.FULL_RESYNC_TO_PEER or self.full_requested
+        log.info("replication %s: connected to %s: %s%s", self.ident, self.s.peer, d.value,
+                 " (full, asked by the operator)" if self.full_requested else "")
         blocks.resync(stream, self.backing_fd, self.dirty, full=full, state_dir=self.state,
                       checkpoint_key=f"{local.current:x}-{peer.current:x}",
-                      streams=self.s.streams)
+                      streams=self.s.streams, bandwidth=self.s.bandwidth)
+        if full:
+            self.full_requested = False
         if d is not Decision.IN_SYNC or local.bitmap:
             done = generations.synced(local)
             stream.query({"q": SYNCED_QUERY, "generations": done.as_dict()})
@@ -327,7 +302,9 @@ class _Dir:
         out: dict[str, Any] = {"path": str(self.path), "port": self.port,
                                "role": "primary" if self.primary else "secondary",
                                "generations": self._gens_dict(), "last_error": self.last_error,
-                               "refused": self.refused}
+                               "refused": self.refused, "conflict": self.conflict,
+                               "full_requested": self.full_requested,
+                               "discard_requested": self.discard_peer}
         if st is not None:
             out.update(st.status().as_dict())
             if self.dirty is not None:
@@ -351,13 +328,13 @@ class MirrorReplicator:
                  my_address: str, peer_address: str, port: int, tls_dir: str | Path,
                  state_dir: str | Path, zone_size: int = 1 << 20, streams: int = 2,
                  timeout: float = 10.0, connect_timeout: float = 2.0,
-                 retry: float = 1.0) -> None:
+                 retry: float = 1.0, bandwidth: int = 0) -> None:
         creds = creds_for(Path(tls_dir), node)
         if creds is None:
             raise FileNotFoundError(f"TLS files for {node} missing in {tls_dir}: run "
                                     "`hvha tls init` (see replicator.init_tls)")
         s = Settings(module, node, peer, my_address, peer_address, creds, Path(state_dir),
-                     zone_size, streams, timeout, connect_timeout, retry)
+                     zone_size, streams, timeout, connect_timeout, retry, bandwidth)
         self.module = module
         self._dirs: list[_Dir] = []
         try:
@@ -403,3 +380,20 @@ class MirrorReplicator:
         """For `hvha status --json`: per directory mode, in_sync, resync progress, errors."""
         return {"module": self.module, "in_sync": self.in_sync(), "data_ok": self.data_ok(),
                 "generation": self.generation(), "dirs": [d.status() for d in self._dirs]}
+
+    # -- operator commands (blocking: the agent runs them in a thread)
+    def verify(self) -> dict[str, Any]:
+        """`hvha verify`: compare both copies by block hashes (primary only)."""
+        return dirops.verify(self.module, list(self._dirs))
+
+    def force_full_resync(self) -> list[str]:
+        """`hvha resync --full`: resync every directory in full now (primary only)."""
+        return [d.force_full() for d in self._dirs]
+
+    def resolve(self, discard: str) -> dict[str, Any]:
+        """`hvha resolve --discard NODE`: settle a split brain (see dirops.resolve)."""
+        return dirops.resolve(self.module, list(self._dirs), discard)
+
+    def force_promote(self) -> list[str]:
+        """`hvha prim --force`: take half-synced copies as good; the paths that were."""
+        return [str(d.path) for d in self._dirs if d.force_good()]
