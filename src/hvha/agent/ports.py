@@ -241,11 +241,13 @@ class Ports:
             raise ReplicationChanged(f"module {name}: its replicated directories changed, which "
                                      "needs the module restarted on the new mount: restart "
                                      "the hvha service")
+        from hvha.replication import stale
         from hvha.replication.build import build_replicator
 
         built: Replicator | None = None
         try:
             for rep in m["replicated"]:
+                stale.clear(rep["path"])  # a killed agent's mirror or read-only guard
                 if not os.path.isdir(rep["path"]):
                     log.warning("module %s: creating the replicated directory %s", name,
                                 rep["path"])
