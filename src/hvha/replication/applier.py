@@ -118,7 +118,7 @@ class Applier:
             return
         with chan:
             try:
-                reader = wire.FrameReader(chan)
+                reader = wire.FrameReader(chan, zero_copy=True)
                 if not self._handshake(chan, reader):
                     return
             except (OSError, wire.WireError) as exc:
@@ -164,9 +164,12 @@ class Applier:
             self.last_error = reason
         return not reason
 
-    def _apply(self, op: ops.Op) -> OSError | None:
+    def _apply(self, op: ops.Op | tuple[str, int, memoryview]) -> OSError | None:
         try:
-            self.tree.apply(op)
+            if isinstance(op, tuple):
+                self.tree.write_at(*op)
+            else:
+                self.tree.apply(op)
         except OSError as exc:
             return exc
         except ValueError as exc:  # an unsafe path: never applied
@@ -185,7 +188,7 @@ class Applier:
                     if expected >= 0 and frame.seq != expected:
                         raise wire.WireError(f"op {frame.seq} out of order, {expected} expected")
                     expected = frame.seq + 1
-                    op = wire.decode_op(frame.payload)
+                    op = wire.decode_write(frame.payload) or wire.decode_op(frame.payload)
                     error = self._apply(op)
                     if error is not None and (strict or error.errno not in _DIVERGENCE):
                         self.last_error = f"op {frame.seq} {op!r:.200}: {error}"
@@ -206,7 +209,7 @@ class Applier:
                         strict = wire.decode_json(frame.payload).get("on") is True
                         reply = b"\0true"
                     else:
-                        reply = self.tree.query(frame.payload)
+                        reply = self.tree.query(bytes(frame.payload))
                     if applied > acked:
                         sock.sendall(wire.encode_frame(FrameType.ACK, applied))
                         acked, unacked_bytes, since = applied, 0, time.monotonic()
@@ -300,14 +303,18 @@ class TreeWriter(TreeReader):
             raise IsADirectoryError(errno.EISDIR, f"{name}: a directory is in the way")
         os.unlink(name, dir_fd=pfd)
 
+    def write_at(self, path: str, offset: int, data: bytes | memoryview) -> None:
+        """A Write, from any buffer (the applier passes a view of the received frame)."""
+        fd, view = self.file_fd(check_path(path)), memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+
     def apply(self, op: ops.Op) -> None:
         for p in ops.paths_of(op):
             check_path(p)
         if isinstance(op, ops.Write):
-            fd, data, off = self.file_fd(op.path), memoryview(op.data), op.offset
-            while data:
-                n = os.pwrite(fd, data, off)
-                data, off = data[n:], off + n
+            self.write_at(op.path, op.offset, op.data)
         elif isinstance(op, ops.Fsync):
             self._barrier(op)
         elif isinstance(op, ops.Truncate):

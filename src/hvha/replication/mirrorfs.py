@@ -283,6 +283,12 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
         """Barrier first, local fsync while the secondary works, then wait for both disks."""
         with self.sink.ordered():
             seq = self._enqueue(o.Fsync(name, datasync))
+        flush = getattr(self.sink, "flush", None)  # send the barrier now, not from a thread
+        if flush is not None:
+            try:
+                flush()
+            except Exception:  # the wait below reports a lost peer as usual
+                log.debug("replication: sending the barrier early failed", exc_info=True)
         os.fdatasync(fd) if datasync else os.fsync(fd)
         self._wait(seq)
 

@@ -40,6 +40,9 @@ from hvha.replication.wire import FrameType, Hello
 
 log = logging.getLogger("hvha.replication.stream")
 SPLIT = 4 * 1024 * 1024  # Writes larger than this are sent as several ops
+#: Large buffers are handed to TLS in pieces of this size, so the secondary decrypts and
+#: parses the first piece while this side still encrypts the next (both cores busy).
+SEND_PIECE = 256 * 1024
 
 
 class Mode(StrEnum):
@@ -156,6 +159,11 @@ class Stream:
             if len(self._queue) == 1:
                 self._cv.notify_all()
             return seq
+
+    def flush(self) -> None:
+        """Send what is queued now, in the calling thread (e.g. a barrier before the caller's
+        own fsync, so the secondary's fsync overlaps it)."""
+        self._flush()
 
     def wait(self, seq: int) -> None:
         """Return once op `seq` is acknowledged by the peer or durably recorded as dirty."""
@@ -328,7 +336,9 @@ class Stream:
                             if small:
                                 sock.sendall(b"".join(small))
                                 small.clear()
-                            sock.sendall(p)
+                            view = memoryview(p)
+                            for i in range(0, len(view), SEND_PIECE):
+                                sock.sendall(view[i:i + SEND_PIECE])
                         else:
                             small.append(p)
                         size += len(p)
@@ -379,7 +389,7 @@ class Stream:
                 fut = self._queries.pop(frame.seq, None)
                 self._progress_at = time.monotonic()
                 if fut is not None:
-                    fut.set_result(frame.payload)
+                    fut.set_result(bytes(frame.payload))
             elif frame.type == FrameType.SKIPPED:
                 op = self._pending.get(frame.seq)
                 if op is not None:

@@ -68,11 +68,16 @@ class ConnectionClosed(WireError):
     """The peer closed the connection (EOF)."""
 
 
+#: A frame's payload: bytes, or (large frames read by a zero-copy FrameReader) the bytearray
+#: the frame was received into, owned by the caller from then on.
+Payload = bytes | bytearray
+
+
 @dataclass(frozen=True, slots=True)
 class Frame:
     type: FrameType
     seq: int
-    payload: bytes
+    payload: Payload
 
 
 _SCHEMA: dict[type, tuple[int, str]] = {
@@ -127,11 +132,11 @@ def op_size(op: Op) -> int:
 class _Cursor:
     __slots__ = ("buf", "pos")
 
-    def __init__(self, buf: bytes) -> None:
+    def __init__(self, buf: Payload) -> None:
         self.buf = buf
         self.pos = 0
 
-    def take(self, n: int) -> bytes:
+    def take(self, n: int) -> Payload:
         end = self.pos + n
         if n < 0 or end > len(self.buf):
             raise WireError("truncated payload")
@@ -155,7 +160,26 @@ class _Cursor:
             raise WireError(f"bad string: {exc}") from None
 
 
-def decode_op(payload: bytes) -> Op:
+_WRITE_TAG = _SCHEMA[ops.Write][0]
+
+
+def decode_write(payload: Payload) -> tuple[str, int, memoryview] | None:
+    """A Write op's (path, offset, data) with data a view into `payload` (no copy: the applier
+    writes it straight from the received buffer); None if the payload is another op. Raises
+    WireError if it is a malformed Write."""
+    if not payload or payload[0] != _WRITE_TAG:
+        return None
+    cur = _Cursor(payload)
+    cur.pos = 1
+    path = cur.string()
+    offset = cur.i64()
+    n = cur.u32()
+    if cur.pos + n != len(payload):
+        raise WireError("bad Write payload length")
+    return path, offset, memoryview(payload)[cur.pos:]
+
+
+def decode_op(payload: Payload) -> Op:
     """Decode one op payload; raise WireError if it is malformed (never anything else)."""
     cur = _Cursor(payload)
     tag = cur.u8()
@@ -169,7 +193,7 @@ def decode_op(payload: bytes) -> Op:
         elif code == "q":
             values.append(cur.i64())
         elif code == "b":
-            values.append(cur.take(cur.u32()))
+            values.append(bytes(cur.take(cur.u32())))
         elif code == "o":
             flag = cur.u8()
             if flag > 1:
@@ -205,7 +229,7 @@ def encode_json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
 
 
-def decode_json(payload: bytes) -> Any:
+def decode_json(payload: Payload) -> Any:
     try:
         return json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -228,7 +252,7 @@ class Hello:
                             "reason": self.reason})
 
 
-def decode_hello(payload: bytes) -> Hello:
+def decode_hello(payload: Payload) -> Hello:
     d = decode_json(payload)
     if not isinstance(d, dict) or d.get("proto") != PROTOCOL_VERSION:
         raise WireError(f"unsupported hello (protocol version {PROTOCOL_VERSION} expected)")
@@ -244,7 +268,7 @@ def encode_nack(errno_: int, message: str) -> bytes:
     return _U32.pack(errno_ & 0xFFFFFFFF) + message.encode("utf-8", "replace")
 
 
-def decode_nack(payload: bytes) -> tuple[int, str]:
+def decode_nack(payload: Payload) -> tuple[int, str]:
     if len(payload) < 4:
         raise WireError("truncated NACK")
     return int(_U32.unpack_from(payload)[0]), payload[4:].decode("utf-8", "replace")
@@ -260,12 +284,17 @@ class ByteChannel(Protocol):
 
 class FrameReader:
     """Reads frames from a TLS channel. A timeout leaves a partial frame buffered, so the
-    caller may retry read() after TimeoutError without losing bytes."""
+    caller may retry read() after TimeoutError without losing bytes. With zero_copy, a large
+    payload is returned as the bytearray it was received into (the applier writes from it)."""
 
-    def __init__(self, sock: ByteChannel, max_payload: int = MAX_PAYLOAD):
+    def __init__(self, sock: ByteChannel, max_payload: int = MAX_PAYLOAD,
+                 zero_copy: bool = False):
         self.sock = sock
         self.max_payload = max_payload
+        self.zero_copy = zero_copy
         self.buf = bytearray()
+        self._rbuf = bytearray(256 * 1024)  # reused for every small read (no allocation)
+        self._rview = memoryview(self._rbuf)
         self._big: bytearray | None = None
         self._big_got = 0
         self._head: tuple[FrameType, int, int] | None = None
@@ -275,10 +304,10 @@ class FrameReader:
         return bool(self.buf) or self._head is not None or self.sock.pending() > 0
 
     def _fill(self, want: int) -> None:
-        chunk = self.sock.recv(max(want, 256 * 1024))
-        if not chunk:
+        n = self.sock.recv_into(self._rview)
+        if not n:
             raise ConnectionClosed("peer closed the connection")
-        self.buf += chunk
+        self.buf += self._rview[:n]
 
     def read(self) -> Frame:
         if self._head is None:
@@ -316,6 +345,6 @@ class FrameReader:
             if n == 0:
                 raise ConnectionClosed("peer closed the connection")
             self._big_got += n
-        payload = bytes(self._big)
+        payload: Payload = self._big if self.zero_copy else bytes(self._big)
         self._big, self._head = None, None
         return Frame(ft, seq, payload)
