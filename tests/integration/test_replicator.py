@@ -53,13 +53,13 @@ class Lab:
         self.port = free_port()
         self.reps: dict[str, MirrorReplicator] = {}
 
-    def start(self, node: str) -> MirrorReplicator:
+    def start(self, node: str, **extra: Any) -> MirrorReplicator:
         me, peer = ("node1", "node2") if node == "node1" else ("node2", "node1")
         addr = {"node1": "127.0.0.1", "node2": "127.0.0.2"}
         rep = MirrorReplicator("m", [self.a if node == "node1" else self.b], node=me, peer=peer,
                                my_address=addr[me], peer_address=addr[peer], port=self.port,
                                tls_dir=self.tmp / me / "tls", state_dir=self.tmp / me / "state",
-                               zone_size=64 * 1024, timeout=3.0, retry=0.2)
+                               zone_size=64 * 1024, timeout=3.0, retry=0.2, **extra)
         self.reps[node] = rep
         return rep
 
@@ -307,3 +307,39 @@ def test_build_replicator_from_agent_config(tmp_path: Path) -> None:
     finally:
         rep.close()
     (data / "f").write_text("writable once closed")
+
+
+@needs_root
+def test_writes_alone_wait_until_the_peer_copy_is_fenced(lab: Lab) -> None:
+    """When the secondary goes away, no write made without it is acknowledged before the
+    witness has recorded that its copy is outdated (hvha.agent.fences)."""
+    import threading
+
+    gate, calls = threading.Event(), []
+
+    def fence(gen: str) -> bool:
+        calls.append(gen)
+        return gate.is_set()
+
+    r1 = lab.start("node1", fence=fence)
+    lab.start("node2")
+    run(r1.become_primary())
+    until(r1.in_sync, "node1 in sync")
+    lab.reps.pop("node2").close()  # the secondary is gone
+    done = threading.Event()
+
+    def app() -> None:
+        fd = os.open(lab.a / "alone", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, b"written without the peer")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        done.set()
+
+    threading.Thread(target=app, daemon=True).start()
+    until(lambda: bool(calls), "the fence asked")
+    assert not done.wait(1.0), "a write alone was acknowledged before the fence"
+    gate.set()
+    assert done.wait(10), "the write was not released once fenced"
+    assert calls[-1] == r1.generation()  # the new generation of the writes alone

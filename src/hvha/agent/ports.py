@@ -223,9 +223,9 @@ class Ports:
         # pid namespace; on a real server this is every process).
         checkers = (CheckerSet(m["checkers"], driver, on_event, env=self.env(m),
                                same_netns=True) if m["checkers"] else None)
-        return payload, vip, checkers, self.replicator(m)
+        return payload, vip, checkers, self.replicator(m, agent)
 
-    def replicator(self, m: dict[str, Any]) -> Replicator:
+    def replicator(self, m: dict[str, Any], agent: Any = None) -> Replicator:
         """The module's mirror (one per module for the agent's life: its appliers hold the
         replication ports, so a reload that keeps the directories keeps the same object), or
         :class:`PendingReplication` when this node has no replication TLS credentials."""
@@ -252,7 +252,17 @@ class Ports:
                     log.warning("module %s: creating the replicated directory %s", name,
                                 rep["path"])
                     os.makedirs(rep["path"], mode=0o755, exist_ok=True)
-            built = build_replicator(m, self.config, self.state_dir)
+            fence = peer_alive = None
+            if agent is not None and self.config["witness"]["kind"] == "arbiter":
+                timeout = float(self.config["heartbeat"]["timeout"])
+
+                def fence(gen: str) -> bool:
+                    return bool(agent.outdate_blocking(name, gen, timeout))
+            if agent is not None:
+                def peer_alive() -> bool:
+                    return bool(agent.heartbeat.peer_alive())
+            built = build_replicator(m, self.config, self.state_dir, fence=fence,
+                                     peer_alive=peer_alive)
         except OSError as exc:  # the module waits for an operator rather than kill the agent
             log.error("module %s: cannot set up replication: %s (the module waits for "
                       "`hvha prim`)", name, exc)

@@ -15,6 +15,7 @@ each module gets its own port: port + (directories of the modules before it) + i
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,9 @@ def module_port(module: dict[str, Any], config: dict[str, Any]) -> int:
     return base + offset
 
 
-def build_replicator(module: dict[str, Any], config: dict[str, Any],
-                     state_dir: Path) -> MirrorReplicator | None:
+def build_replicator(module: dict[str, Any], config: dict[str, Any], state_dir: Path, *,
+                     fence: Callable[[str], bool] | None = None,
+                     peer_alive: Callable[[], bool] | None = None) -> MirrorReplicator | None:
     """The module's MirrorReplicator, or None if this node has no TLS files yet (in
     <state_dir>/tls/) or the module replicates nothing."""
     if not module.get("replicated"):
@@ -72,7 +74,8 @@ def build_replicator(module: dict[str, Any], config: dict[str, Any],
         module["name"], [r["path"] for r in module["replicated"]], node=node, peer=peer,
         my_address=config["node"]["heartbeat"][net], peer_address=config["peer"]["heartbeat"][net],
         port=module_port(module, config), tls_dir=tls_dir, state_dir=state_dir,
-        zone_size=int(rep.get("zone_size") or 1 << 20), streams=int(rep.get("streams") or 2))
+        zone_size=int(rep.get("zone_size") or 1 << 20), streams=int(rep.get("streams") or 2),
+        fence=fence, peer_alive=peer_alive)
 
 
 def init_tls(ca_dir: str | Path, nodes: list[str], out: str | Path,

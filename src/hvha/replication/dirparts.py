@@ -42,6 +42,10 @@ class Settings:
     connect_timeout: float
     retry: float
     bandwidth: int = 0  # resync cap in bytes/s, 0: none
+    # before acknowledging writes alone: record at the witness that the peer's copy is
+    # outdated (True when recorded); None: nothing to fence with (no witness, tests)
+    fence: Callable[[], bool] | None = None
+    peer_alive: Callable[[], bool] | None = None  # heartbeats' verdict, to skip a doomed connect
 
 
 class SyncedTree(TreeWriter):

@@ -26,6 +26,7 @@ import logging
 import os
 import ssl
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -142,11 +143,28 @@ class _Dir(DirOps):
 
     def _go_alone(self, why: str) -> None:
         with self._lock:
-            if self.primary and self.gens.bitmap == 0:
+            if not self.primary:
+                return
+            if self.gens.bitmap == 0:
                 self.gens = generations.start_alone(self.gens)
                 self._save()
                 log.warning("replication %s: writing without %s (%s): new generation, "
                             "tracking dirty zones", self.ident, self.s.peer, why)
+        self._fence()
+
+    def _fence(self) -> None:
+        """Writes made alone wait until the witness records that the peer's copy is outdated
+        (hvha.agent.fences): then the peer cannot be promoted on stale data."""
+        fence, warned = self.s.fence, False
+        while fence is not None and not self._closing and not fence():
+            if not warned:
+                log.warning("replication %s: writes wait until the witness records that %s's "
+                            "copy is outdated", self.ident, self.s.peer)
+                warned = True
+            self._stop.wait(0.5)
+        stream = self.stream
+        if stream is not None:
+            stream.allow_alone()
 
     # -- role changes (blocking: called through asyncio.to_thread)
     def become_primary(self) -> None:
@@ -167,14 +185,19 @@ class _Dir(DirOps):
                              address=(self.s.peer_address, self.port),
                              ctx=tls.client_context(self.s.creds), dirty=self.dirty,
                              generations=self._gens_dict, timeout=self.s.timeout,
-                             on_mode=self._on_mode)
+                             on_mode=self._on_mode, fence_alone=self.s.fence is not None)
         self.mount = MirrorMount(str(self.path), self.stream)
         try:
             self.mount.start()
         except BaseException:
             self.leave_primary()
             raise
-        hello = self._connect(self.s.connect_timeout)
+        alive = self.s.peer_alive
+        hello = None
+        if alive is None or alive():  # a peer the heartbeats declared dead: alone at once
+            hello = self._connect(self.s.connect_timeout)
+        else:
+            self.last_error = f"peer {self.s.peer} is dead (heartbeats)"
         if hello is None:
             self._go_alone(self.last_error)
         self._worker = threading.Thread(target=self._work, args=(hello,), daemon=True,
@@ -328,13 +351,17 @@ class MirrorReplicator:
                  my_address: str, peer_address: str, port: int, tls_dir: str | Path,
                  state_dir: str | Path, zone_size: int = 1 << 20, streams: int = 2,
                  timeout: float = 10.0, connect_timeout: float = 2.0,
-                 retry: float = 1.0, bandwidth: int = 0) -> None:
+                 retry: float = 1.0, bandwidth: int = 0,
+                 fence: Callable[[str], bool] | None = None,
+                 peer_alive: Callable[[], bool] | None = None) -> None:
         creds = creds_for(Path(tls_dir), node)
         if creds is None:
             raise FileNotFoundError(f"TLS files for {node} missing in {tls_dir}: run "
                                     "`hvha tls init` (see replicator.init_tls)")
         s = Settings(module, node, peer, my_address, peer_address, creds, Path(state_dir),
-                     zone_size, streams, timeout, connect_timeout, retry, bandwidth)
+                     zone_size, streams, timeout, connect_timeout, retry, bandwidth,
+                     None if fence is None else (lambda: fence(self.generation())),
+                     peer_alive)
         self.module = module
         self._dirs: list[_Dir] = []
         try:

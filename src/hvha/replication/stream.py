@@ -100,7 +100,8 @@ class Stream:
     def __init__(self, *, node: str, peer: str, module: str, address: tuple[str, int],
                  ctx: ssl.SSLContext, dirty: DirtyStore,
                  generations: Callable[[], dict[str, Any]] = dict, timeout: float = 10.0,
-                 on_mode: Callable[[Mode, str], None] | None = None) -> None:
+                 on_mode: Callable[[Mode, str], None] | None = None,
+                 fence_alone: bool = False) -> None:
         self.node, self.peer, self.module = node, peer, module
         self.address, self.ctx, self.dirty = address, ctx, dirty
         self.generations, self.timeout, self.on_mode = generations, timeout, on_mode
@@ -124,6 +125,11 @@ class Stream:
         self._conn = 0
         self._progress_at = time.monotonic()
         self._closed = False
+        # Ops recorded dirty while ALONE are acknowledged only once the peer's copy is fenced
+        # (the witness knows this node writes alone: hvha.agent.fences); allow_alone() opens it
+        self.fence_alone = fence_alone  # False: no witness to tell (tests, benchmarks)
+        self._alone_ok = not fence_alone
+        self._alone_seqs: set[int] = set()
         self._sender = threading.Thread(target=self._send_loop, name="hvha-stream-send",
                                         daemon=True)
         self._sender.start()
@@ -149,6 +155,7 @@ class Stream:
             self._next += 1
             if self.mode is Mode.ALONE:
                 self._tickets[seq] = self.dirty.record(op)
+                self._alone_seqs.add(seq)
                 return seq
             ticket = self.dirty.observe(op)
             if ticket:
@@ -169,9 +176,15 @@ class Stream:
         """Return once op `seq` is acknowledged by the peer or durably recorded as dirty."""
         self._flush()
         with self._cv:
-            while seq in self._pending:
+            while seq in self._pending or (seq in self._alone_seqs and not self._alone_ok
+                                           and not self._closed):
                 self._cv.wait()
             ticket = self._tickets.pop(seq, 0)
+            if seq in self._alone_seqs:
+                self._alone_seqs.discard(seq)
+                if not self._alone_ok:
+                    raise NotPersisted(errno.EIO, f"op {seq} not replicated and the peer's "
+                                       "copy could not be fenced before the stream closed")
         try:
             self.dirty.sync(ticket)
         except OSError as exc:
@@ -210,6 +223,8 @@ class Stream:
                 raise StreamDown("already connected: detach() first")
             self._sock, self._conn = sock, self._conn + 1
             self.mode, self.in_sync, self.last_error = Mode.RESYNCING, False, ""
+            self._alone_ok = True  # the peer is back: what was recorded reaches it by resync
+            self._cv.notify_all()
             self._progress_at = time.monotonic()
             conn = self._conn
         rx = threading.Thread(target=self._recv_loop, args=(sock, reader, conn), daemon=True,
@@ -236,6 +251,12 @@ class Stream:
         with self._cv:
             conn = self._conn
         self._fail(conn, reason)
+
+    def allow_alone(self, allowed: bool = True) -> None:
+        """Let writes recorded while ALONE be acknowledged (after the fence is in place)."""
+        with self._cv:
+            self._alone_ok = allowed
+            self._cv.notify_all()
 
     def close(self) -> None:
         self.detach("stream closed")
@@ -288,6 +309,8 @@ class Stream:
             log.warning("replication %s: peer %s lost (%s): ALONE, recording dirty zones",
                         self.module, self.peer, reason)
             self.mode, self.in_sync, self.last_error = Mode.ALONE, False, reason
+            self._alone_ok = not self.fence_alone
+            self._alone_seqs.update(self._order_q)
             for seq in self._order_q:
                 self._tickets[seq] = max(self.dirty.record(self._pending[seq]),
                                          self._tickets.get(seq, 0))
