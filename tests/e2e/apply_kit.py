@@ -135,3 +135,30 @@ def client(lab: Lab) -> str:
                     stderr=subprocess.DEVNULL, text=True)
     out, _ = proc.communicate(timeout=10)
     return out.strip()
+
+
+def stop_agent(lab: Lab, node: str, timeout: float = 60) -> None:
+    """SIGTERM the node's supervised agent (by its pid file): it hands its modules over."""
+    import signal
+
+    pid = int(lab.node_path(node, "/var/lib/hvha/agent.pid").read_text())
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while status(lab, node) is not None or os.path.exists(f"/proc/{pid}"):
+        assert time.monotonic() < deadline, f"the agent of {node} did not stop"
+        time.sleep(0.1)
+
+
+def start_agent(lab: Lab, node: str, timeout: float = 30) -> None:
+    """Start the node's agent as `hvha apply` does (supervised), without touching the other."""
+    from hvha.apply.node import NodePaths
+
+    p = NodePaths()
+    argv = [p.hvha, "supervise", "--pid-file", p.pid_file, "--log", f"{p.state}/agent.log",
+            "--", *p.agent_argv()]
+    lab.exec(node, ["setsid", "-f", *argv], stdin=subprocess.DEVNULL,
+             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait(timeout=10)
+    deadline = time.monotonic() + timeout
+    while status(lab, node) is None:
+        assert time.monotonic() < deadline, f"the agent of {node} did not start"
+        time.sleep(0.1)

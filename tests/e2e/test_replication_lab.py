@@ -26,7 +26,16 @@ from pathlib import Path
 import pytest
 
 from hvha.lab import Lab
-from tests.e2e.apply_kit import cluster_file, hvha, lab, module, roles, wait_roles
+from tests.e2e.apply_kit import (
+    cluster_file,
+    hvha,
+    lab,
+    module,
+    roles,
+    start_agent,
+    stop_agent,
+    wait_roles,
+)
 
 pytestmark = pytest.mark.e2e
 __all__ = ["lab"]
@@ -140,3 +149,29 @@ def test_no_acknowledged_write_is_lost_across_power_offs(lab: Lab) -> None:
                 == _tree_digest(lab.node_path("node2", DATA)))
         primary = next(n for n, r in roles(lab).items() if r == "PRIM")
         other = "node2" if primary == "node1" else "node1"
+
+
+def test_a_copy_left_behind_is_refused_the_primary_role(lab: Lab) -> None:
+    """Fault-matrix row 18: stop B, write on A, stop A, start B alone: B refuses the primary
+    role (its copy lacks A's writes) until A returns; then A's data wins and B resyncs."""
+    cluster = cluster_file(lab, replicated=DATA, name="replicated.yaml")
+    out = hvha("apply", str(cluster), "--auto-approve")
+    assert out.returncode == 0, out.stdout + out.stderr
+    _until(lambda: _in_sync(lab), "the pair in sync")
+    a = next(n for n, r in roles(lab).items() if r == "PRIM")
+    b = "node2" if a == "node1" else "node1"
+    stop_agent(lab, b)
+    _until(lambda: (module(lab, a) or {}).get("role") == "ALONE", f"{a} ALONE")
+    write = lab.exec(a, ["sh", "-c", f"echo only-on-{a} > {DATA}/left-behind && sync"])
+    assert write.wait(timeout=30) == 0
+    stop_agent(lab, a)
+    start_agent(lab, b)
+    time.sleep(6)  # several lease rounds: the witness must keep refusing
+    m = module(lab, b)
+    assert m is not None and m["role"] not in ("PRIM", "ALONE"), m
+    assert "outdated" in m["reason"], m["reason"]
+    assert not lab.node_path(b, f"{DATA}/left-behind").exists()
+    start_agent(lab, a)
+    _until(lambda: roles(lab) == {a: "PRIM", b: "SECOND"} and _in_sync(lab),
+           f"{a} primary again, {b} resynced", timeout=60)
+    assert lab.node_path(b, f"{DATA}/left-behind").read_text() == f"only-on-{a}\n"
