@@ -121,3 +121,12 @@ def test_same_version_built_from_other_source_is_reinstalled_and_restarted() -> 
     assert _kinds(p, "node1") == [Kind.AGENT, Kind.RESTART]
     same = {n: replace(d, agent_build=None) for n, d in desired.items()}
     assert not plan(same, facts).has_changes  # without a source tree: versions only
+
+
+def test_windows_nodes_are_refused_before_any_connection(capsys: pytest.CaptureFixture[str]) \
+        -> None:
+    from hvha.cli.main import main
+
+    assert main(["plan", "examples/hyperv-two-vms.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert "Windows nodes cannot be planned or applied yet" in err and "Traceback" not in err

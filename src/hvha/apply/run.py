@@ -55,6 +55,13 @@ class Session:
 
 def open_session(cluster: Cluster, accept_new: bool = False) -> Session:
     """Connect to every node in parallel; the first failure closes all and raises."""
+    windows = [n.name for n in cluster.nodes if n.os == "windows"]
+    if windows:
+        raise ApplyError(
+            f"{', '.join(windows)}: Windows nodes cannot be planned or applied yet: the hvha "
+            "agent runs on Linux only (Hyper-V modules are compiled and their PowerShell "
+            "golden-tested, not run); use `hvha compile` and install by hand\n"
+            "  nothing was changed on any node")
     session = Session(cluster)
 
     def one(node: Node) -> tuple[str, Transport | TransportError]:
