@@ -51,6 +51,10 @@ demo() {
   [ "$(id -u)" -eq 0 ] || { echo "the lab needs root (network namespaces)" >&2; exit 1; }
   "$HVHA" validate examples/lab.yaml
   demo_down >/dev/null 2>&1 || true
+  if [ -d "$LAB" ] && [ ! -f "$LAB/lab.json" ]; then
+    # a purged lab leaves the demo's own files behind; the lab refuses a non-empty foreign root
+    rm -rf "$LAB/app" "$LAB/demo" "$LAB/bundles" "$LAB/cluster.key"
+  fi
   "$HVHA" lab up                       # namespaces, bridges, an sshd per node
   install -d -m 700 "$LAB/app" "$LAB/demo"
   install -m 700 examples/lab-app/* "$LAB/app/"
