@@ -47,6 +47,18 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         force_down(the_lab)
 
 
+def nodes_yaml(lab: Lab, work: Path) -> str:
+    """The `nodes:` entries of the lab's two nodes, reached over SSH with the lab's admin key
+    (host keys: a copy of the lab's known_hosts in ``work``)."""
+    shutil.copy(lab.root / "known_hosts", work / "known_hosts")
+    return "".join(
+        f"  - name: {n}\n    address: {lab.address(n, 'lan')}\n"
+        f"    transport: {{type: ssh, user: root, key_file: {lab.root}/id_ed25519, "
+        f"known_hosts: {work}/known_hosts}}\n"
+        f"    heartbeat: {{lan: {lab.address(n, 'lan')}, repl: {lab.address(n, 'repl')}}}\n"
+        for n in NODES)
+
+
 def cluster_file(lab: Lab, replicated: str | None = None, name: str = "cluster.yaml") -> Path:
     """A cluster of one app module `web` (a TCP server answering its node's name) with a VIP,
     optionally replicating the directory ``replicated``."""
@@ -60,13 +72,7 @@ def cluster_file(lab: Lab, replicated: str | None = None, name: str = "cluster.y
     _script(work / "stop", f'p=$(cat {pid} 2>/dev/null) || exit 0\n{alive}kill "$p"\n'
             f'while alive; do sleep 0.05; done\nrm -f {pid}\n')
     _script(work / "status", f'p=$(cat {pid} 2>/dev/null) || exit 1\n{alive}alive\n')
-    shutil.copy(lab.root / "known_hosts", work / "known_hosts")
-    nodes = "".join(
-        f"  - name: {n}\n    address: {lab.address(n, 'lan')}\n"
-        f"    transport: {{type: ssh, user: root, key_file: {lab.root}/id_ed25519, "
-        f"known_hosts: {work}/known_hosts}}\n"
-        f"    heartbeat: {{lan: {lab.address(n, 'lan')}, repl: {lab.address(n, 'repl')}}}\n"
-        for n in NODES)
+    nodes = nodes_yaml(lab, work)
     lan, repl = lab.topology.networks
     rep = f"    replicated: [{{path: {replicated}}}]\n" if replicated else ""
     path = work / name

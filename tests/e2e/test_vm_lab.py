@@ -41,6 +41,7 @@ import pytest
 from hvha.agent.control import call
 from hvha.apply.node import SUPERVISED_LOG, NodePaths
 from hvha.lab import Lab, LabError
+from tests.e2e.apply_kit import nodes_yaml
 from tests.e2e.cluster_lab import HVHA
 from tests.guest.build_guest import (
     Guest,
@@ -200,13 +201,7 @@ def write_cluster(lab: Lab, work: Path, guest: Guest, *, interval: float = 0.2) 
     i = args.index("-serial")  # append on restart, instead of truncating the log
     args[i:i + 2] = ["-chardev", f"file,id=console,path={SERIAL},append=on", "-serial",
                      "chardev:console"]
-    shutil.copy(lab.root / "known_hosts", work / "known_hosts")
-    nodes = "".join(
-        f"  - name: {n}\n    address: {lab.address(n, 'lan')}\n"
-        f"    transport: {{type: ssh, user: root, key_file: {lab.root}/id_ed25519, "
-        f"known_hosts: {work}/known_hosts}}\n"
-        f"    heartbeat: {{lan: {lab.address(n, 'lan')}, repl: {lab.address(n, 'repl')}}}\n"
-        for n in NODES)
+    nodes = nodes_yaml(lab, work)
     lan, repl = lab.topology.networks
     path = work / "cluster.yaml"
     path.write_text(
