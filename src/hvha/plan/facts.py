@@ -14,12 +14,16 @@ before they are embedded, so a damaged file cannot break the document around it.
 Document (``facts_format`` 1), all values null when unknown::
 
     {"facts_format": 1, "host": "uname -n", "uid": "0", "prefix": "/opt/hvha/venv",
-     "state_dir": "/var/lib/hvha", "hvha": true, "version": "hvha 0.1.0",
+     "state_dir": "/var/lib/hvha", "hvha": true,
      "bundle_pushed": "<first word of /etc/hvha/node.bundle.sha256>",
      "bundle_running": "<state_dir/bundle/BUNDLE_HASH>",
      "systemd": "LoadState=loaded ActiveState=active SubState=running UnitFileState=enabled ",
      "pid": "1234", "pid_alive": true, "addresses": "lo=127.0.0.1/8 eth0=10.77.0.11/24 ",
-     "config": {agent.json of the running bundle}, "status": {`hvha status --json`}}
+     "build": "<source key apply installed>",
+     "py": {"version": "hvha 0.1.0", "config": {agent.json of the running bundle},
+            "status": {the agent's status}, "bundle_check": {"pushed", "running_intact"}}}
+
+(Older documents carry version/config/status/bundle_check at the top level: still read.)
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ F=${HVHA_PIDFILE:-$S/agent.pid}
 j() { if [ -z "$1" ]; then printf null; else
   printf '"%s"' "$(printf '%s' "$1" | tr -d '\000-\037' | sed 's/[\\"]/\\&/g')"; fi; }
 w() { [ -r "$1" ] && awk 'NR==1{print $1; exit}' "$1" 2>/dev/null; }
-x=false; v=; [ -x "$P/bin/hvha" ] && x=true && v=$("$P/bin/hvha" --version 2>/dev/null)
+x=false; [ -x "$P/bin/hvha" ] && x=true
 bd=$(w "$P/hvha-build")
 sd=; command -v systemctl >/dev/null 2>&1 && sd=$(systemctl show -p LoadState \
   -p ActiveState -p SubState -p UnitFileState "$U" 2>/dev/null | tr '\n' ' ')
@@ -63,47 +67,64 @@ case $pid in ''|*[!0-9]*) pid= ;;
 ad=; command -v ip >/dev/null 2>&1 &&
   ad=$(ip -o addr show 2>/dev/null | awk '{printf "%s=%s ", $2, $4}')
 T=; command -v timeout >/dev/null 2>&1 && T="timeout 10"
-c=; st=; y="$P/bin/python"; bc=
-if [ -x "$y" ]; then
-  [ -r "$S/bundle/agent.json" ] && c=$("$y" -m json.tool --compact "$S/bundle/agent.json")
-  bc=$("$y" -I -c "$BC" "$E/node.bundle" "$S/bundle")
-  [ -S "$S/control.sock" ] && [ -n "$v" ] && st=$($T "$P/bin/hvha" status --json \
-    --socket "$S/control.sock" 2>/dev/null | "$y" -m json.tool --compact 2>/dev/null)
-fi 2>/dev/null
+y="$P/bin/python"; py=
+[ -x "$y" ] && py=$($T "$y" -I -c "$BC" "$E" "$S" 2>/dev/null)
 printf '{"facts_format":1,"host":%s,"uid":%s,"prefix":%s,"state_dir":%s,"hvha":%s,' \
   "$(j "$(uname -n 2>/dev/null)")" "$(j "$(id -u 2>/dev/null)")" "$(j "$P")" "$(j "$S")" "$x"
-printf '"version":%s,"bundle_pushed":%s,"bundle_running":%s,"systemd":%s,"pid":%s,' \
-  "$(j "$v")" "$(j "$(w "$E/node.bundle.sha256")")" "$(j "$(w "$S/bundle/BUNDLE_HASH")")" \
+printf '"bundle_pushed":%s,"bundle_running":%s,"systemd":%s,"pid":%s,' \
+  "$(j "$(w "$E/node.bundle.sha256")")" "$(j "$(w "$S/bundle/BUNDLE_HASH")")" \
   "$(j "$sd")" "$(j "$pid")"
-printf '"pid_alive":%s,"addresses":%s,"config":%s,"status":%s,"bundle_check":%s,' \
-  "$a" "$(j "$ad")" "${c:-null}" "${st:-null}" "${bc:-null}"
-printf '"build":%s}\n' "$(j "$bd")"
+printf '"pid_alive":%s,"addresses":%s,"build":%s,"py":%s}\n' \
+  "$a" "$(j "$ad")" "$(j "$bd")" "${py:-null}"
 """
 
-# Run by the node's venv python: the hash of the pushed bundle computed from its content (so an
-# edited node.bundle shows even when its .sha256 was left alone), and whether every file of the
-# extracted bundle the agent runs still matches its manifest (an edited script shows as drift).
+# Run once by the node's venv python (one interpreter start for every fact that needs Python):
+# hvha's version, the running agent.json, the agent's status over its socket, the hash of the
+# pushed bundle computed from its content (an edited node.bundle shows even when its .sha256 was
+# left alone), and whether every file of the extracted bundle the agent runs still matches its
+# manifest (an edited script shows as drift). Printed as the document's "py" member.
 BUNDLE_CHECK = r"""import hashlib, json, os, sys, tarfile
-out = {"pushed": None, "running_intact": None}
+etc, state = sys.argv[1:3]
+out = {"version": None, "config": None, "status": None,
+       "bundle_check": {"pushed": None, "running_intact": None}}
 try:
-    with tarfile.open(sys.argv[1]) as t:
-        f = t.extractfile("MANIFEST.json")
-        out["pushed"] = hashlib.sha256(f.read()).hexdigest() if f else None
+    import hvha
+    out["version"] = "hvha " + hvha.__version__
 except Exception:
     pass
 try:
-    root = sys.argv[2]
+    with open(os.path.join(state, "bundle", "agent.json")) as f:
+        out["config"] = json.load(f)
+except Exception:
+    pass
+sock = os.path.join(state, "control.sock")
+if out["version"] and os.path.exists(sock):
+    try:
+        from pathlib import Path
+        from hvha.agent.control import call
+        out["status"] = call(Path(sock), {"cmd": "status"}, timeout=10).get("status")
+    except Exception:
+        pass
+check = out["bundle_check"]
+try:
+    with tarfile.open(os.path.join(etc, "node.bundle")) as t:
+        f = t.extractfile("MANIFEST.json")
+        check["pushed"] = hashlib.sha256(f.read()).hexdigest() if f else None
+except Exception:
+    pass
+try:
+    root = os.path.join(state, "bundle")
     with open(os.path.join(root, "MANIFEST.json"), "rb") as f:
         m = f.read()
     ok = all(hashlib.sha256(open(os.path.join(root, r), "rb").read()).hexdigest() == d
              for r, d in json.loads(m)["files"].items())
     with open(os.path.join(root, "BUNDLE_HASH")) as f:
-        out["running_intact"] = ok and f.read().strip() == hashlib.sha256(m).hexdigest()
+        check["running_intact"] = ok and f.read().strip() == hashlib.sha256(m).hexdigest()
 except FileNotFoundError:
     pass
 except Exception:
-    out["running_intact"] = False
-print(json.dumps(out))
+    check["running_intact"] = False
+print(json.dumps(out, separators=(",", ":")))
 """
 
 
@@ -230,6 +251,11 @@ def parse_facts(node: str, stdout: bytes) -> NodeFacts:
                          "was the output cut short?") from None
     if not isinstance(doc, dict):
         raise FactsError(node, "the facts document is not a JSON object")
+    py = doc.get("py")
+    if isinstance(py, dict):  # what the node's venv python reported (one process for all)
+        for key in ("version", "config", "status", "bundle_check"):
+            if doc.get(key) is None:
+                doc[key] = py.get(key)
     if doc.get("facts_format") != FACTS_FORMAT:
         raise FactsError(node, f"facts format {doc.get('facts_format')!r} is not "
                          f"{FACTS_FORMAT}: gather facts with this hvha's script")
