@@ -190,8 +190,10 @@ from hvha.replication.replicator import MirrorReplicator
 tmp, port = Path(sys.argv[1]), int(sys.argv[2])
 rep = MirrorReplicator("m", [tmp / "A"], node="node1", peer="node2", my_address="127.0.0.1",
                        peer_address="127.0.0.2", port=port, tls_dir=tmp / "node1" / "tls",
-                       state_dir=tmp / "node1" / "state", zone_size=65536, timeout=3.0,
-                       retry=0.2)
+                       state_dir=tmp / "node1" / "state", zone_size=65536, timeout=10.0,
+                       retry=0.2, fence=lambda gen: False)
+# fence never granted: if the secondary drops out (a slow ack on a loaded machine), writes wait
+# instead of being acknowledged alone; in the agent the witness's fence makes the same promise
 asyncio.run(rep.become_primary())
 while not rep.in_sync():
     time.sleep(0.02)

@@ -60,6 +60,8 @@ class _Dir(DirOps):
         self._save()
         self.primary = False
         self.peer_synced = False  # secondary: the live session started in sync or caught up
+        self._need_fence = False  # primary alone: the witness must hear it before any ack
+        self._fence_warned = False
         self.refused = ""
         self.conflict = self.last_error = ""  # conflict: what an operator must settle
         self.full_requested = self.discard_peer = False  # see dirops
@@ -150,21 +152,25 @@ class _Dir(DirOps):
                 self._save()
                 log.warning("replication %s: writing without %s (%s): new generation, "
                             "tracking dirty zones", self.ident, self.s.peer, why)
-        self._fence()
+            self._need_fence = True
+        self._wake.set()  # the worker fences (never this thread: it may be the stream's)
 
-    def _fence(self) -> None:
+    def _fence_once(self) -> None:
         """Writes made alone wait until the witness records that the peer's copy is outdated
-        (hvha.agent.fences): then the peer cannot be promoted on stale data."""
-        fence, warned = self.s.fence, False
-        while fence is not None and not self._closing and not fence():
-            if not warned:
-                log.warning("replication %s: writes wait until the witness records that %s's "
-                            "copy is outdated", self.ident, self.s.peer)
-                warned = True
-            self._stop.wait(0.5)
-        stream = self.stream
-        if stream is not None:
+        (hvha.agent.fences): then the peer cannot be promoted on stale data. One attempt; the
+        worker retries while the peer stays away."""
+        stream, fence = self.stream, self.s.fence
+        if stream is None or stream.mode is not Mode.ALONE:
+            self._need_fence = False
+            return
+        if fence is None or fence():
+            self._need_fence = False
             stream.allow_alone()
+            return
+        if not self._fence_warned:
+            log.warning("replication %s: writes wait until the witness records that %s's copy "
+                        "is outdated", self.ident, self.s.peer)
+            self._fence_warned = True
 
     # -- role changes (blocking: called through asyncio.to_thread)
     def become_primary(self) -> None:
@@ -260,8 +266,12 @@ class _Dir(DirOps):
             stream = self.stream
             if stream is None:
                 return
+            if self._need_fence:
+                self._fence_once()
             if hello is None and stream.mode is Mode.ALONE:
-                hello = self._connect(self.s.connect_timeout)
+                alive = self.s.peer_alive
+                if alive is None or alive():
+                    hello = self._connect(self.s.connect_timeout)
                 if hello is None:  # an operator command sets _wake to retry at once
                     self._wake.wait(self.s.retry * (10 if self.refused else 1))
                     self._wake.clear()
