@@ -95,12 +95,13 @@ def _connect(cluster: Cluster, accept_new: bool) -> Session:
         raise UserError(str(exc)) from None
 
 
-def _confirm(the_plan: Plan, auto: bool, verb: str) -> None:
+def _confirm(auto: bool, verb: str, alternative: str = "") -> None:
+    """Terraform's confirmation: a terminal answers 'yes', anything else needs --auto-approve."""
     if auto:
         return
     if not sys.stdin.isatty():
-        raise UserError(f"{verb} changes nodes and needs confirmation: run it from a terminal, "
-                        "pass --auto-approve, or apply a saved plan (`hvha plan -out plan.json`)")
+        raise UserError(f"asked to {verb} without a terminal to confirm it: pass "
+                        f"--auto-approve{alternative}; nothing was changed")
     sys.stdout.write(f"\nDo you want to {verb}? Only 'yes' will be accepted.\n  Enter a value: ")
     sys.stdout.flush()
     if sys.stdin.readline().strip() != "yes":
@@ -144,8 +145,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
             the_plan = fresh
             if the_plan.has_changes:
                 sys.stdout.write(render_text(the_plan))
-            _confirm(the_plan, args.auto_approve or not the_plan.has_changes,
-                     "perform these actions")
+            _confirm(args.auto_approve or not the_plan.has_changes, "perform these actions",
+                     ", or apply a saved plan (`hvha plan -out plan.json`)")
         if not the_plan.has_changes:
             sys.stdout.write("No changes. Your cluster matches the configuration.\n")
             return 0
@@ -220,14 +221,7 @@ def cmd_destroy(args: argparse.Namespace) -> int:
                          + " and ".join(n.name for n in cluster.nodes)
                          + (f"; replicated data DELETED: {', '.join(data)}" if data else
                             "; replicated data is kept (--purge deletes it)") + "\n")
-        if not args.auto_approve:
-            if not sys.stdin.isatty():
-                raise UserError("destroy needs confirmation: run it from a terminal or pass "
-                                "--auto-approve")
-            sys.stdout.write("Type 'yes' to destroy: ")
-            sys.stdout.flush()
-            if sys.stdin.readline().strip() != "yes":
-                raise UserError("destroy cancelled: nothing was changed")
+        _confirm(args.auto_approve, "destroy hvha on these nodes")
         # stop secondaries first, so primaries are not handed over only to be stopped
         def primaries(name: str) -> int:
             st = facts[name].status
