@@ -159,10 +159,7 @@ def start_agent(lab: Lab, node: str, timeout: float = 30) -> None:
     """Start the node's agent as `hvha apply` does (supervised), without touching the other."""
     from hvha.apply.node import NodePaths
 
-    p = NodePaths()
-    argv = [p.hvha, "supervise", "--pid-file", p.pid_file, "--log", f"{p.state}/agent.log",
-            "--", *p.agent_argv()]
-    lab.exec(node, ["setsid", "-f", *argv], stdin=subprocess.DEVNULL,
+    lab.exec(node, ["setsid", "-f", *NodePaths().supervise_argv()], stdin=subprocess.DEVNULL,
              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait(timeout=10)
     deadline = time.monotonic() + timeout
     while status(lab, node) is None:

@@ -54,6 +54,11 @@ class NodePaths:
     def agent_argv(self) -> list[str]:
         return [self.hvha, "agent", "--bundle", self.bundle, "--state-dir", self.state]
 
+    def supervise_argv(self) -> list[str]:
+        """The agent kept running by `hvha supervise` (nodes without systemd)."""
+        return [self.hvha, "supervise", "--pid-file", self.pid_file, "--log",
+                f"{self.state}/{SUPERVISED_LOG}", "--", *self.agent_argv()]
+
 
 def unit_text(paths: NodePaths) -> str:
     """The systemd unit (as packaging/hvha-agent.service, with this node's paths)."""
@@ -151,8 +156,7 @@ class NodeRunner:
     def start(self) -> str:
         p, q = self.paths, shlex.quote
         self.t.put(unit_text(p).encode(), f"{p.etc}/{p.unit}.service", 0o644)
-        supervise = shlex.join([p.hvha, "supervise", "--pid-file", p.pid_file, "--log",
-                                f"{p.state}/{SUPERVISED_LOG}", "--", *p.agent_argv()])
+        supervise = shlex.join(p.supervise_argv())
         out = self.sh(
             f"set -e; mkdir -p {q(p.state)} && chmod 700 {q(p.state)}\n"
             "if [ -d /run/systemd/system ]; then\n"

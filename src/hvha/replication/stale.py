@@ -14,6 +14,8 @@ import logging
 import os
 import subprocess
 
+from hvha.replication.mount import parse_mountinfo
+
 log = logging.getLogger("hvha.replication")
 
 
@@ -21,14 +23,9 @@ def mounts_at(path: str) -> int:
     target = os.path.realpath(path)
     try:
         with open("/proc/self/mountinfo") as f:
-            return sum(1 for line in f if _unescape(line.split()[4]) == target)
+            return sum(1 for mp, _ in parse_mountinfo(f.read()) if mp == target)
     except OSError:
         return 0
-
-
-def _unescape(field: str) -> str:
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace(
-        "\\134", "\\")
 
 
 def clear(path: str, limit: int = 16) -> int:
