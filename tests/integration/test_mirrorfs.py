@@ -87,6 +87,10 @@ def test_pure_translation_rules() -> None:
     assert not plan.flags & (os.O_DIRECT | os.O_APPEND | os.O_CREAT) and plan.flags & os.O_RDWR
     assert not open_plan(os.O_RDONLY | os.O_TRUNC).truncates
     assert open_plan(os.O_WRONLY | os.O_SYNC).sync_writes
+    # write-only handles skip the mount's page cache (nothing can read or mmap through them);
+    # read-write handles keep it (SQLite maps its -shm file shared and writable)
+    assert open_plan(os.O_WRONLY | os.O_APPEND).direct_io
+    assert not open_plan(os.O_RDWR).direct_io and not open_plan(os.O_RDONLY).direct_io
     assert creation_owner(1000, 1000, 0o2775 | stat.S_IFDIR, 50) == (1000, 50)
     assert creation_owner(1000, 1000, 0o775 | stat.S_IFDIR, 50) == (1000, 1000)
     assert lost_mode_bits(0o666, 0o644) == 0o022 and lost_mode_bits(0o600, 0o600) == 0

@@ -181,6 +181,9 @@ class Channel:
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.obj = ctx.wrap_bio(self._in, self._out, server_side=server_side,
                                 server_hostname=server_hostname)
+        # one receive buffer per connection: a fresh 256 KiB bytes per recv is an mmap+munmap
+        self._rbuf = bytearray(256 * 1024)
+        self._rview = memoryview(self._rbuf)
         self._lock = threading.Lock()  # the SSL object
         self._wlock = threading.Lock()  # order of records on the socket
         raw.settimeout(None)
@@ -205,10 +208,10 @@ class Channel:
         ready, _, _ = select.select([self.raw], [], [], timeout)
         if not ready:
             raise TimeoutError(f"no data from the peer for {timeout} s")
-        data = self.raw.recv(256 * 1024)
+        got = self.raw.recv_into(self._rbuf)
         with self._lock:
-            if data:
-                self._in.write(data)
+            if got:
+                self._in.write(self._rview[:got])
             else:
                 self._in.write_eof()
 
