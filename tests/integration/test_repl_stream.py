@@ -82,7 +82,7 @@ class Pair:
 
 @contextlib.contextmanager
 def make_pair(tmp: Path, certs: dict[str, tls.NodeCreds], sec: Path | None = None,
-              timeout: float = 5.0) -> Iterator[Pair]:
+              timeout: float = 5.0, barrier_interval: float = 1.0) -> Iterator[Pair]:
     prim = tmp / "prim"
     prim.mkdir()
     if sec is None:
@@ -93,7 +93,8 @@ def make_pair(tmp: Path, certs: dict[str, tls.NodeCreds], sec: Path | None = Non
     applier.start()
     dirty = DirtyStore(tmp / "state", zone_size=64 * 1024)
     stream = Stream(node="node1", peer="node2", module="m", address=applier.address,
-                    ctx=tls.client_context(certs["node1"]), dirty=dirty, timeout=timeout)
+                    ctx=tls.client_context(certs["node1"]), dirty=dirty, timeout=timeout,
+                    barrier_interval=barrier_interval)
     pair = Pair(prim, sec, tmp / "state", certs, stream, applier, TreeWriter(prim), dirty)
     try:
         yield pair
@@ -230,6 +231,60 @@ def test_losing_the_applier_goes_alone_records_dirty_and_resyncs(
         assert pair.stream.status().in_sync and pair.dirty.is_clean()
         assert tree_digest(pair.prim) == tree_digest(pair.sec)
         assert stats.sent_bytes < 3 * len(data) + 200_000, "incremental resync sent too much"
+
+
+def _wait_alone(pair: Pair) -> None:
+    deadline = time.monotonic() + 10
+    while pair.stream.mode is not Mode.ALONE and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pair.stream.mode is Mode.ALONE
+
+
+def test_power_loss_of_the_secondary_loses_nothing_it_acknowledged(
+        tmp_path: Path, certs: dict[str, tls.NodeCreds]) -> None:
+    """The secondary acknowledges a write once applied (in its page cache); a power loss
+    before its next barrier takes it off its disk. The primary knew it as replicated: its
+    activity log must put it in the dirty map, so the resync resends it."""
+    with make_pair(tmp_path, certs, timeout=2.0, barrier_interval=3600) as pair:
+        pair.stream.connect()
+        assert pair.stream.try_mark_in_sync()
+        pair.do(ops.Create("vm.img", 0o600))
+        pair.do(ops.Write("vm.img", 0, bytes(1 << 20)))
+        pair.do(ops.Fsync(None))  # on both disks
+        on_disk = (pair.sec / "vm.img").read_bytes()
+        pair.do(ops.Write("vm.img", 200_000, b"x" * 70_000))  # acknowledged, not yet durable
+        pair.do(ops.Create("log", 0o600))
+        pair.do(ops.Write("log", 0, b"entry 1\n"))
+        assert pair.stream.status().ops_in_flight == 0
+        pair.applier.close()  # the secondary loses power: its page cache is gone
+        (pair.sec / "vm.img").write_bytes(on_disk)
+        (pair.sec / "log").unlink()
+        _wait_alone(pair)
+        assert not pair.dirty.is_clean(), "acknowledged but not durable: must be resent"
+        pair.new_applier()
+        pair.stream.connect()
+        blocks.resync(pair.stream, pair.prim, pair.dirty, full=False)
+        pair.do(ops.Fsync(None))
+        assert pair.stream.status().in_sync and pair.dirty.is_clean()
+        assert tree_digest(pair.prim) == tree_digest(pair.sec)
+
+
+def test_writes_made_durable_by_a_barrier_are_not_resent(
+        tmp_path: Path, certs: dict[str, tls.NodeCreds]) -> None:
+    """The stream sends a global barrier shortly after writes; once the peer acknowledged it,
+    losing the peer records nothing (no needless resync)."""
+    with make_pair(tmp_path, certs, timeout=2.0, barrier_interval=0.05) as pair:
+        pair.stream.connect()
+        assert pair.stream.try_mark_in_sync()
+        pair.do(ops.Create("f", 0o600))
+        pair.do(ops.Write("f", 0, b"y" * 300_000))
+        deadline = time.monotonic() + 5  # the barrier follows within the interval, unasked
+        while pair.stream.status().acked_seq < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pair.stream.status().acked_seq >= 3
+        pair.applier.close()
+        _wait_alone(pair)
+        assert pair.dirty.is_clean()
 
 
 def test_full_disk_on_the_secondary_goes_alone(tmp_path: Path,

@@ -16,7 +16,7 @@ Log records are JSON lines: ["z", path, zone], ["t", path, size] (truncated to s
 ["p", path] (journal: compare this entry), ["m", path] (its metadata only), ["d", path]
 (forget zones of a replaced or removed name), ["r", old, new] (rename; ["R", ...] in a
 compacted log: remembered for the replay only), ["x", a, b]
-(exchange); see `_Dirt.apply`. A torn last line (crash mid-append) is ignored: the op it
+(exchange); see `Dirt.apply`. A torn last line (crash mid-append) is ignored: the op it
 belonged to was never acknowledged.
 """
 
@@ -46,7 +46,9 @@ def _move_keys(d: dict[str, _V], old: str, new: str) -> None:
 
 
 @dataclass
-class _Dirt:
+class Dirt:
+    """A mutable dirty set built from log records (the store's, and the activity log's)."""
+
     zones: dict[str, set[int]] = field(default_factory=dict)
     trunc: dict[str, int] = field(default_factory=dict)
     paths: set[str] = field(default_factory=set)
@@ -192,8 +194,8 @@ class DirtyStore:
         finally:
             os.close(fd)
 
-    def _load(self, path: Path) -> _Dirt:
-        dirt = _Dirt()
+    def _load(self, path: Path) -> Dirt:
+        dirt = Dirt()
         with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
             for line in f:
                 try:
@@ -216,6 +218,15 @@ class DirtyStore:
                     self._ticket += 1
             if self._has_taken and isinstance(op, ops.Rename) and self._observe(recs):
                 self._ticket += 1
+            return self._ticket
+
+    def record_records(self, recs: list[list[Any]]) -> int:
+        """Record raw log records (e.g. the activity log's); return the ticket for sync()."""
+        with self._lock:
+            for rec in recs:
+                if self._current.apply(rec):
+                    self._pending.append(json.dumps(rec).encode() + b"\n")
+                    self._ticket += 1
             return self._ticket
 
     def observe(self, op: ops.Op) -> int:
@@ -279,7 +290,7 @@ class DirtyStore:
         with self._lock:
             return self._view(self._current, self._taken)
 
-    def _view(self, *dirts: _Dirt) -> DirtySet:
+    def _view(self, *dirts: Dirt) -> DirtySet:
         zones: dict[str, set[int]] = {}
         trunc: dict[str, int] = {}
         paths: set[str] = set()
@@ -305,7 +316,7 @@ class DirtyStore:
         A taken set left by an interrupted resync is merged, never lost."""
         self.flush()
         with self._sync_lock, self._lock:
-            merged = _Dirt()
+            merged = Dirt()
             for rec in self._taken.records() + self._current.records():
                 merged.apply(rec)
             tmp = self.dir / "dirty.taken.tmp"
@@ -319,7 +330,7 @@ class DirtyStore:
             self._fsync_dir()
             os.ftruncate(self._fd, 0)
             os.fsync(self._fd)
-            self._taken, self._current, self._has_taken = merged, _Dirt(), True
+            self._taken, self._current, self._has_taken = merged, Dirt(), True
             return self._view(merged)
 
     def taken(self) -> DirtySet:
@@ -333,7 +344,7 @@ class DirtyStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.dir / "dirty.taken.log")
             self._fsync_dir()
-            self._taken, self._has_taken = _Dirt(), False
+            self._taken, self._has_taken = Dirt(), False
 
     def resync_pending(self) -> bool:
         return self._has_taken

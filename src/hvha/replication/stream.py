@@ -35,6 +35,7 @@ from enum import StrEnum
 from typing import Any
 
 from hvha.replication import ops, tls, wire
+from hvha.replication.activity import ActivityLog
 from hvha.replication.dirty import DirtyStore
 from hvha.replication.wire import FrameType, Hello
 
@@ -101,7 +102,7 @@ class Stream:
                  ctx: ssl.SSLContext, dirty: DirtyStore,
                  generations: Callable[[], dict[str, Any]] = dict, timeout: float = 10.0,
                  on_mode: Callable[[Mode, str], None] | None = None,
-                 fence_alone: bool = False) -> None:
+                 fence_alone: bool = False, barrier_interval: float = 1.0) -> None:
         self.node, self.peer, self.module = node, peer, module
         self.address, self.ctx, self.dirty = address, ctx, dirty
         self.generations, self.timeout, self.on_mode = generations, timeout, on_mode
@@ -130,6 +131,8 @@ class Stream:
         self.fence_alone = fence_alone  # False: no witness to tell (tests, benchmarks)
         self._alone_ok = not fence_alone
         self._alone_seqs: set[int] = set()
+        # what the peer applied but may not have on disk yet (hvha.replication.activity)
+        self._activity = ActivityLog(dirty.zone_size, max_age=barrier_interval)
         self._sender = threading.Thread(target=self._send_loop, name="hvha-stream-send",
                                         daemon=True)
         self._sender.start()
@@ -163,9 +166,22 @@ class Stream:
             self._pending[seq] = op
             self._order_q.append(seq)
             self._queue.append((seq, op))
+            self._activity.note(op)
+            if self._activity.barrier_due():
+                self._queue_barrier()
             if len(self._queue) == 1:
                 self._cv.notify_all()
             return seq
+
+    def _queue_barrier(self) -> None:
+        """Close the activity log's epoch with a global barrier (call holding _cv)."""
+        seq = self._next
+        self._next += 1
+        op = ops.Fsync(None, False)
+        self._pending[seq] = op
+        self._order_q.append(seq)
+        self._queue.append((seq, op))
+        self._activity.close_epoch(seq)
 
     def flush(self) -> None:
         """Send what is queued now, in the calling thread (e.g. a barrier before the caller's
@@ -310,6 +326,8 @@ class Stream:
                         self.module, self.peer, reason)
             self.mode, self.in_sync, self.last_error = Mode.ALONE, False, reason
             self._alone_ok = not self.fence_alone
+            # applied by the peer but maybe not on its disk: resend by the resync
+            unsynced = self.dirty.record_records(self._activity.take())
             self._alone_seqs.update(self._order_q)
             for seq in self._order_q:
                 self._tickets[seq] = max(self.dirty.record(self._pending[seq]),
@@ -325,13 +343,25 @@ class Stream:
             self._cv.notify_all()
         if sock is not None:
             sock.shutdown()
+        try:  # writes the peer acknowledged before it was lost are known dirty from now on
+            self.dirty.sync(unsynced)
+        except OSError as exc:  # the next write's wait() fails with NotPersisted
+            log.error("replication %s: dirty map not persisted after losing the peer: %s",
+                      self.module, exc)
         self._notify(Mode.ALONE, reason)
 
     def _send_loop(self) -> None:
         while True:
             with self._cv:
                 while not self._closed and not (self._queue and self._sock is not None):
-                    self._cv.wait()
+                    due = self._activity.seconds_to_barrier()
+                    if due is not None and self.mode is not Mode.ALONE:
+                        if self._activity.barrier_due():
+                            self._queue_barrier()  # writes paused: make them durable there
+                            continue
+                        self._cv.wait(timeout=due + 0.001)
+                    else:
+                        self._cv.wait()
                 if self._closed:
                     return
             self._flush()
@@ -398,6 +428,7 @@ class Stream:
     def _ack(self, upto: int) -> None:
         while self._order_q and self._order_q[0] <= upto:
             del self._pending[self._order_q.popleft()]
+        self._activity.acked(upto)
         self.acked = max(self.acked, upto)
         self._progress_at = time.monotonic()
         self._cv.notify_all()
