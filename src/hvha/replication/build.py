@@ -64,10 +64,6 @@ def build_replicator(module: dict[str, Any], config: dict[str, Any], state_dir: 
         log.warning("module %s: no TLS files for %s in %s: replication is off; create them "
                     "with `hvha tls init`", module["name"], node, tls_dir)
         return None
-    for r in module["replicated"]:
-        if r.get("exclude"):
-            log.warning("module %s: exclude %s of %s is not supported by the mirror yet: "
-                        "everything is replicated", module["name"], r["exclude"], r["path"])
     net = replication_network(config)
     rep = config["replication"]
     return MirrorReplicator(
@@ -75,7 +71,8 @@ def build_replicator(module: dict[str, Any], config: dict[str, Any], state_dir: 
         my_address=config["node"]["heartbeat"][net], peer_address=config["peer"]["heartbeat"][net],
         port=module_port(module, config), tls_dir=tls_dir, state_dir=state_dir,
         zone_size=int(rep.get("zone_size") or 1 << 20), streams=int(rep.get("streams") or 2),
-        fence=fence, peer_alive=peer_alive)
+        fence=fence, peer_alive=peer_alive,
+        excludes=[list(r.get("exclude") or ()) for r in module["replicated"]])
 
 
 def init_tls(ca_dir: str | Path, nodes: list[str], out: str | Path,

@@ -10,8 +10,9 @@ Binding: mfusepy / libfuse3 high level (benchmarks/fuse_bindings.py says why); m
 
 O_DIRECT opens are served with FOPEN_DIRECT_IO (no kernel page cache for that open) while the
 backing file is opened without O_DIRECT (the binding's buffers are unaligned); durability comes
-from fsync, which qemu cache=none issues for every guest flush. FIFOs, sockets and devices get
-EPERM: the op vocabulary cannot replicate them.
+from fsync, which qemu cache=none issues for every guest flush. Entries matching the
+directory's `exclude` patterns are served locally and never streamed
+(hvha.replication.exclude); FIFOs and sockets may only be created there, devices nowhere.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import Any, NamedTuple, Protocol
 
 import mfusepy  # type: ignore[import-untyped]
 
+from hvha.replication import exclude
 from hvha.replication import ops as o
+from hvha.replication.exclude import Excludes
 from hvha.replication.ops import Op
 
 log = logging.getLogger(__name__)
@@ -138,22 +141,61 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
     use_ns = True
 
     def __init__(self, root_fd: int, sink: ReplicationSink, *,
-                 sync_on_close: bool = False) -> None:
+                 sync_on_close: bool = False, excludes: Excludes | None = None) -> None:
         self.root = root_fd
         self.sink = sink
+        self.excludes = excludes or Excludes()
+        # every op enqueued here is waited for (or flushed) by the same thread: a sink that can
+        # skip waking its sender thread for such ops says so with this method
+        self._push: Callable[[Op], int] = getattr(sink, "enqueue_flushed_by_caller",
+                                                  sink.enqueue)
         self.sync_on_close = sync_on_close
         self._proc = f"/proc/self/fd/{root_fd}"
         self._sync_fhs: set[int] = set()
         self._euid, self._egid = os.geteuid(), os.getegid()
 
-    def _enqueue(self, op: Op) -> int:
+    def _enqueue(self, op: Op, *, decided: bool = False) -> int:
+        """Stream op (0, nothing to wait for, when it touches only excluded entries)."""
+        if self.excludes and not decided and self._excluded(op):
+            return 0
         try:
-            return self.sink.enqueue(op)
+            return self._push(op)
         except Exception as e:
             log.error("replication sink refused %s: %s; answering EIO", type(op).__name__, e)
             raise _fail(errno.EIO) from e
 
+    def _excluded(self, op: Op) -> bool:
+        if isinstance(op, o.Fsync) and op.path is None:
+            return False
+        path = o.paths_of(op)[0]
+        is_dir = isinstance(op, o.Mkdir | o.Rmdir) or (
+            isinstance(op, o.Chmod | o.Chown | o.Utimens | o.SetXattr | o.RemoveXattr | o.Fsync)
+            and self._kind(path) is True)
+        return self.excludes.excluded(path, is_dir)
+
+    def _kind(self, path: str) -> bool | None:
+        """True for a directory, False for anything else, None if there is nothing there."""
+        try:
+            return stat.S_ISDIR(os.stat(path or ".", dir_fd=self.root, follow_symlinks=False)
+                                .st_mode)
+        except FileNotFoundError:
+            return None
+
+    def _enqueue_decided(self, todo: Iterable[Op]) -> int:
+        """Stream ops decided by hvha.replication.exclude (bounded memory: waits every 32 MiB
+        of data, still in order)."""
+        seq, held = 0, 0
+        for op in todo:
+            seq = self._enqueue(op, decided=True)
+            held += len(op.data) if isinstance(op, o.Write) else 0
+            if held >= 32 << 20:
+                self._wait(seq)
+                held = 0
+        return seq
+
     def _wait(self, seq: int) -> None:
+        if seq <= 0:
+            return
         try:
             self.sink.wait(seq)
         except Exception as e:
@@ -361,8 +403,16 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
         return 0
 
     def mknod(self, path: str, mode: int, dev: int) -> int:
-        log.warning("refusing to create special file %s (mode %o): FIFOs, sockets and devices "
-                    "cannot be replicated; put them outside the mirrored directory", path, mode)
+        """FIFOs and sockets where `exclude` says so (they live here only); nothing else."""
+        if (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)) and self.excludes.excluded(op_path(path)):
+            with self.sink.ordered():
+                os.mknod(backing_path(path), mode, dir_fd=self.root)
+                st = os.stat(backing_path(path), dir_fd=self.root, follow_symlinks=False)
+                self._own_new(path, st, mode)  # owner of the caller; the ops are not streamed
+            return 0
+        log.warning("refusing to create special file %s (mode %o): devices cannot be replicated;"
+                    " FIFOs and sockets can live here if an `exclude` pattern of the replicated "
+                    "directory matches them (e.g. \"*.sock\")", path, mode)
         raise _fail(errno.EPERM)
 
     def _new_entry(self, path: str, mode: int, local: Callable[[str], None],
@@ -385,6 +435,14 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
                                lambda st: o.Symlink(target, op_path(path)))
 
     def link(self, new: str, existing: str) -> int:
+        if self.excludes:
+            with self.sink.ordered():
+                os.link(backing_path(existing), backing_path(new), src_dir_fd=self.root,
+                        dst_dir_fd=self.root, follow_symlinks=False)
+                seq = self._enqueue_decided(exclude.link_ops(self.root, self.excludes,
+                                                             op_path(existing), op_path(new)))
+            self._wait(seq)
+            return 0
         return self._simple(o.Link(op_path(existing), op_path(new)), os.link,
                             backing_path(existing), backing_path(new), src_dir_fd=self.root,
                             dst_dir_fd=self.root, follow_symlinks=False)
@@ -397,6 +455,15 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
         return self._simple(o.Rmdir(op_path(path)), os.rmdir, backing_path(path), dir_fd=self.root)
 
     def rename(self, old: str, new: str, flags: int = 0) -> int:
+        if self.excludes:  # crossing the exclude boundary is not a plain rename on the peer
+            src, dst = op_path(old), op_path(new)
+            with self.sink.ordered():
+                moved, replaced = self._kind(src), self._kind(dst)
+                self._rename_local(backing_path(old), backing_path(new), flags)
+                seq = self._enqueue_decided(exclude.rename_ops(
+                    self.root, self.excludes, src, dst, flags, bool(moved), replaced))
+            self._wait(seq)
+            return 0
         return self._simple(o.Rename(op_path(old), op_path(new), flags), self._rename_local,
                             backing_path(old), backing_path(new), flags)
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import mfusepy  # type: ignore[import-untyped]
 
+from hvha.replication.exclude import Excludes
 from hvha.replication.mirrorfs import MirrorFS, ReplicationSink
 
 log = logging.getLogger(__name__)
@@ -168,8 +169,10 @@ class MirrorMount:
     """A MirrorFS mounted over `path`, served by a libfuse thread pool inside this process."""
 
     def __init__(self, path: str, sink: ReplicationSink, *, max_threads: int = 16,
-                 sync_on_close: bool = False, mount_timeout: float = 10.0) -> None:
+                 sync_on_close: bool = False, mount_timeout: float = 10.0,
+                 excludes: Excludes | None = None) -> None:
         self.path = os.path.realpath(path)
+        self.excludes = excludes
         self.sink = sink
         self.max_threads = max_threads
         self.sync_on_close = sync_on_close
@@ -191,7 +194,8 @@ class MirrorMount:
                                "owns it (or `umount {self.path}`) first")
         self.root_fd = os.open(self.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            fs = MirrorFS(self.root_fd, self.sink, sync_on_close=self.sync_on_close)
+            fs = MirrorFS(self.root_fd, self.sink, sync_on_close=self.sync_on_close,
+                          excludes=self.excludes)
             self._adaptor = _Adaptor(fs)
             opts = ("allow_other,default_permissions,subtype=hvha,"
                     f"fsname=hvha:{self.path.replace(',', '_')}")

@@ -26,7 +26,7 @@ import logging
 import os
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from hvha.replication.applier import ReadOnlyGuard, read_only_guard
 from hvha.replication.dirops import DirOps
 from hvha.replication.dirparts import SYNCED_QUERY, DirApplier, Settings, creds_for
 from hvha.replication.dirty import DirtyStore
+from hvha.replication.exclude import Excludes
 from hvha.replication.generations import Decision, Generations
 from hvha.replication.mount import MirrorMount
 from hvha.replication.plan import FROM_PEER, TO_PEER, begin_primary, dir_key, initial_id
@@ -49,8 +50,9 @@ log = logging.getLogger("hvha.replication")
 class _Dir(DirOps):
     """One replicated directory: applier + guard always, mount + stream + worker when primary."""
 
-    def __init__(self, s: Settings, path: Path, index: int, port: int) -> None:
-        self.s, self.path, self.port = s, path, port
+    def __init__(self, s: Settings, path: Path, index: int, port: int,
+                 excludes: Excludes) -> None:
+        self.s, self.path, self.port, self.excludes = s, path, port, excludes
         self.ident = f"{s.module}[{index}]"
         self.state = s.state_dir / "replication" / s.module / dir_key(str(path))
         self.state.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -192,7 +194,7 @@ class _Dir(DirOps):
                              ctx=tls.client_context(self.s.creds), dirty=self.dirty,
                              generations=self._gens_dict, timeout=self.s.timeout,
                              on_mode=self._on_mode, fence_alone=self.s.fence is not None)
-        self.mount = MirrorMount(str(self.path), self.stream)
+        self.mount = MirrorMount(str(self.path), self.stream, excludes=self.excludes)
         try:
             self.mount.start()
         except BaseException:
@@ -363,7 +365,8 @@ class MirrorReplicator:
                  timeout: float = 10.0, connect_timeout: float = 2.0,
                  retry: float = 1.0, bandwidth: int = 0,
                  fence: Callable[[str], bool] | None = None,
-                 peer_alive: Callable[[], bool] | None = None) -> None:
+                 peer_alive: Callable[[], bool] | None = None,
+                 excludes: Sequence[Sequence[str]] = ()) -> None:
         creds = creds_for(Path(tls_dir), node)
         if creds is None:
             raise FileNotFoundError(f"TLS files for {node} missing in {tls_dir}: run "
@@ -376,7 +379,8 @@ class MirrorReplicator:
         self._dirs: list[_Dir] = []
         try:
             for i, d in enumerate(dirs):
-                self._dirs.append(_Dir(s, Path(d), i, port + i))
+                patterns = excludes[i] if i < len(excludes) else ()
+                self._dirs.append(_Dir(s, Path(d), i, port + i, Excludes(patterns)))
         except BaseException:
             for x in self._dirs:
                 x.close()

@@ -144,14 +144,17 @@ class Stream:
         with self._order:
             yield
 
-    def enqueue(self, op: ops.Op) -> int:
+    def enqueue(self, op: ops.Op, *, kick: bool = True) -> int:
         """Queue op (call inside ordered()); return its sequence number. Large Writes become
-        several ops: the number returned is the last one (acks are cumulative)."""
+        several ops: the number returned is the last one (acks are cumulative). kick=False:
+        the caller will wait() or flush() itself, so the sender thread is not woken for it
+        (a thread switch per op less on the FUSE path)."""
         if isinstance(op, ops.Write) and len(op.data) > SPLIT:
             seq = 0
             view = memoryview(op.data)
             for i in range(0, len(view), SPLIT):
-                seq = self.enqueue(ops.Write(op.path, op.offset + i, bytes(view[i:i + SPLIT])))
+                seq = self.enqueue(ops.Write(op.path, op.offset + i, bytes(view[i:i + SPLIT])),
+                                   kick=kick)
             return seq
         with self._cv:
             seq = self._next
@@ -169,9 +172,13 @@ class Stream:
             self._activity.note(op)
             if self._activity.barrier_due():
                 self._queue_barrier()
-            if len(self._queue) == 1:
+            if kick and len(self._queue) == 1:
                 self._cv.notify_all()
             return seq
+
+    def enqueue_flushed_by_caller(self, op: ops.Op) -> int:
+        """enqueue(op, kick=False): for the FUSE layer, which always waits for its ops."""
+        return self.enqueue(op, kick=False)
 
     def _queue_barrier(self) -> None:
         """Close the activity log's epoch with a global barrier (call holding _cv)."""
