@@ -19,6 +19,7 @@ from typing import Any
 from hvha.replication import admin, blocks
 from hvha.replication.admin import OperatorError
 from hvha.replication.dirparts import DirApplier, Settings
+from hvha.replication.exclude import Excludes
 from hvha.replication.generations import Generations
 from hvha.replication.stream import Mode, Stream, StreamDown
 
@@ -45,6 +46,7 @@ class DirOps:
     applier: DirApplier
     stream: Stream | None
     backing_fd: int
+    excludes: Excludes
 
     def _save(self) -> None:
         raise NotImplementedError
@@ -94,7 +96,8 @@ class DirOps:
             raise OperatorError(f"{self.path}: {self.s.peer} is not connected ({st.last_error})"
                                 ": nothing to compare with; see `hvha status`")
         try:
-            return blocks.verify(st, self.backing_fd, streams=self.s.streams)
+            return blocks.verify(st, self.backing_fd, streams=self.s.streams,
+                                 excludes=self.excludes)
         except (StreamDown, OSError, TimeoutError) as exc:
             raise OperatorError(f"{self.path}: verify interrupted ({type(exc).__name__}: {exc})"
                                 "; run it again once `hvha status` shows the peer") from None

@@ -312,7 +312,8 @@ class _Dir(DirOps):
                  " (full, asked by the operator)" if self.full_requested else "")
         blocks.resync(stream, self.backing_fd, self.dirty, full=full, state_dir=self.state,
                       checkpoint_key=f"{local.current:x}-{peer.current:x}",
-                      streams=self.s.streams, bandwidth=self.s.bandwidth)
+                      streams=self.s.streams, bandwidth=self.s.bandwidth,
+                      excludes=self.excludes)
         if full:
             self.full_requested = False
         if d is not Decision.IN_SYNC or local.bitmap:

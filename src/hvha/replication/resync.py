@@ -16,6 +16,7 @@ from hvha.replication import ops
 from hvha.replication.blockplan import FileJob, merge_zones, under
 from hvha.replication.content import run_files
 from hvha.replication.dirty import DirtySet, DirtyStore
+from hvha.replication.exclude import Excludes
 from hvha.replication.stream import ResyncProgress, Stream, StreamDown
 from hvha.replication.syncer import Difference, ResyncAborted, ResyncStats, Syncer
 
@@ -30,11 +31,15 @@ def _incremental(s: Syncer, d: DirtySet) -> None:
         if s.peer.stat(old) is not None:
             s.send(lambda t, old=old, new=new: ops.Rename(old, new)  # type: ignore[misc]
                    if t.stat(new) is not None else None)
-    meta = sorted(d.meta - d.paths)
-    content = sorted(set(d.zones) | set(d.trunc))
-    wanted = sorted(set(d.paths) | set(meta) | set(content))
+    def kept(names: set[str] | frozenset[str]) -> list[str]:  # a pattern added since
+        return sorted(p for p in names if not s.excluded(p, t.stat(p))) if s.excludes \
+            else sorted(names)
+    dpaths = kept(d.paths)
+    meta = kept(d.meta - d.paths)
+    content = kept(set(d.zones) | set(d.trunc))
+    wanted = sorted(set(dpaths) | set(meta) | set(content))
     peer = dict(zip(wanted, s.peer.stats(wanted), strict=True))  # none of it changes below
-    for p in sorted(d.paths):  # except under a handled path, which is skipped
+    for p in dpaths:  # except under a handled path, which is skipped
         if under(p, handled):
             continue
         le, pe = t.stat(p), peer[p]
@@ -86,10 +91,12 @@ def _full(s: Syncer) -> None:
 
 
 def verify(stream: Stream, root: str | Path | int, *, streams: int = 2,
-           check_mtime: bool = False) -> list[Difference]:
+           check_mtime: bool = False, excludes: Excludes | None = None) -> list[Difference]:
     """Compare the whole local tree with the peer's by metadata and block hashes; change
-    nothing. (Content is compared with COARSE blocks; mtimes only if check_mtime.)"""
-    s = Syncer(stream, root, apply=False, streams=streams, check_mtime=check_mtime)
+    nothing. (Content is compared with COARSE blocks; mtimes only if check_mtime; entries
+    matching `excludes` are not compared on either side.)"""
+    s = Syncer(stream, root, apply=False, streams=streams, check_mtime=check_mtime,
+               excludes=excludes)
     try:
         _full(s)
     finally:
@@ -109,7 +116,8 @@ def _add(total: ResyncStats, one: ResyncStats) -> None:
 def resync(stream: Stream, root: str | Path | int, dirty: DirtyStore, *, full: bool,
            state_dir: Path | None = None, checkpoint_key: str = "", bandwidth: int = 0,
            streams: int = 2, progress: Callable[[ResyncProgress], None] | None = None,
-           max_passes: int = 5, checkpoint_interval: float = 1.0) -> ResyncStats:
+           max_passes: int = 5, checkpoint_interval: float = 1.0,
+           excludes: Excludes | None = None) -> ResyncStats:
     """Make the connected peer's copy equal to the local one, while the application runs,
     then mark the stream in sync. Incremental (full=False): what the dirty map and journal
     name. Full: every file by block hashes, resumable from a checkpoint in state_dir (kept
@@ -121,7 +129,7 @@ def resync(stream: Stream, root: str | Path | int, dirty: DirtyStore, *, full: b
         taken = dirty.take()
         s = Syncer(stream, root, apply=True, bandwidth=bandwidth, streams=streams,
                    progress=progress, checkpoint=ckpt if full and n == 0 else None,
-                   checkpoint_interval=checkpoint_interval)
+                   checkpoint_interval=checkpoint_interval, excludes=excludes)
         try:
             if full and n == 0:
                 s.load_checkpoint(checkpoint_key)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from hvha.replication import ops
 from hvha.replication.blockplan import FileJob
+from hvha.replication.exclude import Excludes
 from hvha.replication.peer import Peer
 from hvha.replication.protocol import Entry
 from hvha.replication.stream import Mode, ResyncProgress, Stream
@@ -67,8 +68,10 @@ class Syncer:
     def __init__(self, stream: Stream, root: str | Path | int, *, apply: bool,
                  bandwidth: int = 0, streams: int = 2, check_mtime: bool = False,
                  progress: Callable[[ResyncProgress], None] | None = None,
-                 checkpoint: Path | None = None, checkpoint_interval: float = 1.0) -> None:
+                 checkpoint: Path | None = None, checkpoint_interval: float = 1.0,
+                 excludes: Excludes | None = None) -> None:
         self.stream, self.peer, self.apply = stream, Peer(stream), apply
+        self.excludes = excludes or Excludes()  # entries neither node sends nor compares
         self.root = root
         self.bandwidth, self.streams, self.check_mtime = bandwidth, max(1, streams), check_mtime
         self.progress_cb, self.checkpoint = progress, checkpoint
@@ -168,9 +171,9 @@ class Syncer:
     def sync_dir(self, path: str, on_peer: bool = True) -> None:
         """Compare a directory's entries (on_peer False: the peer has no such directory, or
         only the one just created, nothing to list)."""
-        local = {e.name: e for e in self.local().list_dir(path, 0, 1 << 62)[0]}
+        local = self._kept(path, self.local().list_dir(path, 0, 1 << 62)[0])
         ahead = self._ahead.pop(path, None)
-        peer = {e.name: e for e in self.peer.list_dir(path, ahead)} if on_peer else {}
+        peer = self._kept(path, self.peer.list_dir(path, ahead)) if on_peer else {}
         # the listings of the next LIST_AHEAD subdirectories both sides have are asked for
         # ahead: the peer lists them while this node works (the ops sent meanwhile are for
         # other entries than theirs)
@@ -186,6 +189,16 @@ class Syncer:
                     self._ahead[join(path, sub)] = self.peer.list_ahead(join(path, sub))
                 asked = max(asked, min(seen + LIST_AHEAD, len(both)))
             self.sync_entry(join(path, name), local[name], peer.get(name), None)
+
+    def _kept(self, path: str, entries: list[Entry]) -> dict[str, Entry]:
+        """A listing by name, without excluded entries (on either node they are left alone)."""
+        ex = self.excludes
+        return {e.name: e for e in entries
+                if not (ex and ex.excluded(join(path, e.name), e.kind == "d"))}
+
+    def excluded(self, path: str, entry: Entry | None) -> bool:
+        return bool(self.excludes) and self.excludes.excluded(
+            path, entry is not None and entry.kind == "d")
 
     def sync_entry(self, path: str, le: Entry, pe: Entry | None,
                    ranges: list[tuple[int, int]] | None) -> None:
