@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=.venv
-APT_PACKAGES=(iproute2 iputils-ping procps keepalived openssh-server fuse3 qemu-system-x86 rsync)
+APT_PACKAGES=(iproute2 iputils-ping procps keepalived openssh-server fuse3 qemu-system-x86 rsync nftables)
 
 need_apt() {
   local missing=()
