@@ -155,7 +155,7 @@ def primary(a: argparse.Namespace) -> None:
             st = blocks.resync(stream, backing, dirty, full=False)
             return {"s": time.monotonic() - t, "sent": stream.bytes_sent - b,
                     "resync_sent": st.sent_bytes, "in_sync": stream.in_sync,
-                    "queries": st.queries}
+                    "queries": getattr(st, "queries", 0)}
         r = sync()
         _answer(ready=True, since_start=time.monotonic() - t0, **r)
         for cmd in _lines(sys.stdin):

@@ -269,6 +269,30 @@ def test_power_loss_of_the_secondary_loses_nothing_it_acknowledged(
         assert tree_digest(pair.prim) == tree_digest(pair.sec)
 
 
+def test_a_file_with_new_data_and_new_metadata_while_alone_resyncs_both(
+        tmp_path: Path, certs: dict[str, tls.NodeCreds]) -> None:
+    """Regression: a write and a chmod/utime of the same file while ALONE (what `cp -p`,
+    `tar x` or `touch` after a write do) resynced the metadata only, the data never."""
+    with make_pair(tmp_path, certs, timeout=2.0, barrier_interval=0.05) as pair:
+        pair.stream.connect()
+        assert pair.stream.try_mark_in_sync()
+        pair.do(ops.Create("f", 0o644))
+        pair.do(ops.Write("f", 0, bytes(1 << 20)))
+        pair.do(ops.Fsync(None))
+        time.sleep(0.3)  # the activity log's barrier: nothing but the writes alone is dirty
+        pair.applier.close()
+        _wait_alone(pair)
+        pair.do(ops.Write("f", 300_000, b"new data" * 1000))
+        pair.do(ops.Chmod("f", 0o600))
+        pair.do(ops.Utimens("f", 1_000_000_000, 2_000_000_000))
+        pair.new_applier()
+        pair.stream.connect()
+        blocks.resync(pair.stream, pair.prim, pair.dirty, full=False)
+        pair.do(ops.Fsync(None))
+        assert tree_digest(pair.prim) == tree_digest(pair.sec)
+        assert blocks.verify(pair.stream, pair.prim, check_mtime=True) == []
+
+
 def test_writes_made_durable_by_a_barrier_are_not_resent(
         tmp_path: Path, certs: dict[str, tls.NodeCreds]) -> None:
     """The stream sends a global barrier shortly after writes; once the peer acknowledged it,

@@ -143,3 +143,13 @@ def test_a_short_range_read_at_once_hashes_like_the_hole_skipping_path(
             assert len(short) == hashing.block_count([(off, n)], FINE) * 16
     finally:
         os.close(fd)
+
+
+def test_one_job_per_file_keeps_content_ranges_next_to_a_metadata_job() -> None:
+    """Regression: a metadata-only job hid the content ranges of the same file."""
+    e = Entry("a", "f", 0o644, 0, 0, 10 << 20, 0, 1, 1)
+    jobs = blockplan.one_job_per_file([
+        FileJob("a", e, e, []), FileJob("a", e, e, [(0, 4096)]), FileJob("b", e, e, None),
+        FileJob("a", e, e, [(1 << 20, 4096)]), FileJob("b", e, e, [(0, 1)])])
+    assert [(j.path, j.ranges) for j in jobs] == [("a", [(0, 4096), (1 << 20, 4096)]),
+                                                   ("b", None)]

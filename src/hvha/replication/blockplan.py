@@ -160,6 +160,19 @@ def merge_zones(zones: frozenset[int], zone_size: int) -> Ranges:
     return merge([(z * zone_size, zone_size) for z in sorted(zones)], 1 << 62)
 
 
+def one_job_per_file(jobs: Iterable[FileJob]) -> list[FileJob]:
+    """Jobs merged per path, in first-seen order: the whole file beats ranges, ranges add up,
+    and an empty list (metadata only) never hides another job's content ranges."""
+    out: dict[str, FileJob] = {}
+    for j in jobs:
+        prev = out.get(j.path)
+        if prev is None:
+            out[j.path] = j
+        elif prev.ranges is not None:
+            prev.ranges = None if j.ranges is None else prev.ranges + j.ranges
+    return list(out.values())
+
+
 def under(path: str, dirs: set[str]) -> bool:
     """Is path, or a directory above it, in dirs?"""
     while path:

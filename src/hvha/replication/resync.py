@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hvha.replication import ops
-from hvha.replication.blockplan import FileJob, merge_zones, under
+from hvha.replication.blockplan import FileJob, merge_zones, one_job_per_file, under
 from hvha.replication.content import run_files
 from hvha.replication.dirty import DirtySet, DirtyStore
 from hvha.replication.exclude import Excludes
@@ -73,7 +73,7 @@ def _incremental(s: Syncer, d: DirtySet) -> None:
         if p in d.trunc and d.trunc[p] < max(le.size, pe.size):
             ranges.append((d.trunc[p], max(le.size, pe.size) - d.trunc[p]))
         s.jobs.append(FileJob(p, le, pe, ranges))
-    s.jobs = list({j.path: j for j in reversed(s.jobs)}.values())
+    s.jobs = one_job_per_file(s.jobs)  # a file with new data AND new metadata: both
     run_files(s, s.jobs, resume=False)
     ps = sorted(parents, reverse=True)
     for p, pe in zip(ps, s.peer.stats(ps), strict=True):
