@@ -417,7 +417,7 @@ def phase_image(b: Bench, q: bool, rounds: int) -> list[Row]:
         assert prim.ask(cmd="wait_alone")["mode"] == "alone", "primary did not see the peer go"
         if k == max(1, rounds) - 1:  # rsync's copy: the peer's state before the last round
             shutil.copyfile(b.b / "img", b.base / "rsync" / "img")
-        changed = b.write("random", str(b.a / "img"), "100", str(4 + k))["n"] * BLOCK
+        changed = b.write("random", str(b.a / "img"), "100", str(40 + k))["n"] * BLOCK
         sec = b.start_secondary()
         rss.append({**prim.ask(cmd="resync"), "changed": changed})
         vs.append(prim.ask(cmd="verify"))

@@ -12,10 +12,12 @@ import ctypes
 import hashlib
 import os
 import stat
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from hvha.replication.mount import MirrorMount, is_mounted
 from hvha.replication.ops import (
     Chmod,
     Chown,
@@ -179,3 +181,16 @@ def tree_state(root: str) -> dict[str, tuple[object, ...]]:
         for n in names:
             out[n] = (*out[n], tuple(sorted(names)))
     return out
+
+
+@contextmanager
+def serving(mount: MirrorMount) -> Iterator[MirrorMount]:
+    """A started mirror mount, stopped (and lazily unmounted if it had to be) afterwards."""
+    mount.start()
+    try:
+        yield mount
+    finally:
+        mount.stop()
+        if is_mounted(mount.path):
+            subprocess.run(["umount", "-l", mount.path], check=False)
+    assert not is_mounted(mount.path)

@@ -9,15 +9,14 @@ from __future__ import annotations
 import ctypes
 import os
 import stat
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.replay_helper import ReplaySink
+from tests.replay_helper import ReplaySink, serving
 
 from hvha.replication.exclude import Excludes
-from hvha.replication.mount import MirrorMount, is_mounted
+from hvha.replication.mount import MirrorMount
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
@@ -75,14 +74,8 @@ def _tree(root: Path, ex: Excludes | None) -> dict[str, tuple[object, ...]]:
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
     e = Env(tmp_path)
-    e.mount.start()
-    try:
+    with serving(e.mount):
         yield e
-    finally:
-        e.mount.stop()
-        if is_mounted(str(e.dir)):
-            subprocess.run(["umount", "-l", str(e.dir)], check=False)
-    assert not is_mounted(str(e.dir))
 
 
 def test_excluded_entries_never_reach_the_peer(env: Env) -> None:

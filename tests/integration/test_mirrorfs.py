@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.replay_helper import ReplaySink, tree_state
+from tests.replay_helper import ReplaySink, serving, tree_state
 
 from hvha.replication.mirrorfs import creation_owner, lost_mode_bits, op_path, open_plan
 from hvha.replication.mount import MirrorMount, cleanup_stale, is_mounted, parse_mountinfo
@@ -62,14 +62,8 @@ class Env:
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
     e = Env(tmp_path)
-    e.mount.start()
-    try:
+    with serving(e.mount):
         yield e
-    finally:
-        e.mount.stop()
-        if is_mounted(e.dir):
-            subprocess.run(["umount", "-l", e.dir], check=False)
-    assert not is_mounted(e.dir)
 
 
 def backing(e: Env) -> str:

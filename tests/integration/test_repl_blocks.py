@@ -10,11 +10,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-from test_repl_stream import PUNCH, certs, make_pair, tree_digest  # noqa: F401 - fixture
+from test_repl_stream import (  # noqa: F401 - fixture
+    PUNCH,
+    certs,
+    interrupted_full_resync,
+    make_pair,
+    tree_digest,
+)
 
 from hvha.replication import blocks, ops, tls
-from hvha.replication.stream import Mode, ResyncProgress
+from hvha.replication.stream import Mode
 
 GIB = 1 << 30
 
@@ -122,18 +127,7 @@ def test_sparse_file_stays_sparse(tmp_path: Path,
 def test_interrupted_full_resync_resumes_from_checkpoint(
         tmp_path: Path, certs: dict[str, tls.NodeCreds]) -> None:  # noqa: F811
     with make_pair(tmp_path, certs) as pair:
-        for i in range(4):
-            (pair.prim / f"f{i}").write_bytes(os.urandom(32 << 20))
-        pair.stream.connect()
-
-        def stop_at_half(p: ResyncProgress) -> None:
-            if p.done_bytes >= p.total_bytes // 2:
-                pair.stream.detach("test: interrupted")
-        with pytest.raises(blocks.ResyncAborted):
-            blocks.resync(pair.stream, pair.prim, pair.dirty, full=True, state_dir=pair.state,
-                          checkpoint_key="k", streams=1, progress=stop_at_half,
-                          checkpoint_interval=0)
-        assert (pair.state / "resync.checkpoint").exists()
+        interrupted_full_resync(pair, 4, 32 << 20)
         pair.stream.connect()
         reports: list[tuple[int, int]] = []
         blocks.resync(pair.stream, pair.prim, pair.dirty, full=True, state_dir=pair.state,

@@ -21,10 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_repl_stream import Pair, certs, make_pair, tree_digest  # noqa: F401 - fixture
+from test_repl_stream import (  # noqa: F401 - fixture
+    Pair,
+    certs,
+    interrupted_full_resync,
+    make_pair,
+    tree_digest,
+)
 
 from hvha.replication import blocks, ops, tls
-from hvha.replication.stream import Mode, ResyncProgress, Stream, unwrap
+from hvha.replication.stream import Mode, Stream, unwrap
 
 COARSE, FINE = blocks.COARSE, blocks.FINE
 
@@ -213,18 +219,7 @@ def test_the_previous_versions_queries_are_still_answered(trees: Pair) -> None:
 def test_a_write_after_the_checkpoint_to_a_file_it_has_as_done_is_resent(
         tmp_path: Path, certs: dict[str, tls.NodeCreds]) -> None:  # noqa: F811
     with make_pair(tmp_path, certs) as pair:
-        for i in range(4):
-            (pair.prim / f"f{i}").write_bytes(os.urandom(16 << 20))
-        pair.stream.connect()
-
-        def stop_at_half(p: ResyncProgress) -> None:
-            if p.done_bytes >= p.total_bytes // 2:
-                pair.stream.detach("test: interrupted")
-        with pytest.raises(blocks.ResyncAborted):
-            blocks.resync(pair.stream, pair.prim, pair.dirty, full=True, state_dir=pair.state,
-                          checkpoint_key="k", streams=1, progress=stop_at_half,
-                          checkpoint_interval=0)
-        assert (pair.state / "resync.checkpoint").exists()  # f0 is done (or at its end)
+        interrupted_full_resync(pair, 4, 16 << 20)  # f0 is done (or at its end)
         pair.do(ops.Write("f0", 12_288, os.urandom(4096)))  # while ALONE: dirty map only
         pair.stream.connect()
         blocks.resync(pair.stream, pair.prim, pair.dirty, full=True, state_dir=pair.state,

@@ -29,7 +29,7 @@ import pytest
 from hvha.replication import blocks, ops, tls
 from hvha.replication.applier import Applier, TreeWriter, read_only_guard
 from hvha.replication.dirty import DirtyStore
-from hvha.replication.stream import Mode, Stream
+from hvha.replication.stream import Mode, ResyncProgress, Stream
 
 PUNCH = blocks.FALLOC_FL_PUNCH_HOLE | blocks.FALLOC_FL_KEEP_SIZE
 
@@ -121,6 +121,23 @@ def tree_digest(root: Path) -> dict[str, tuple[object, ...]]:
                 out[rel] = ("f", stat.S_IMODE(s.st_mode), s.st_uid, s.st_size,
                             hashlib.sha256(p.read_bytes()).hexdigest(), first)
     return out
+
+
+def interrupted_full_resync(pair: Pair, files: int, size: int) -> None:
+    """`files` random files of `size` bytes, then a full resync that loses the peer half way
+    (a checkpoint is left in pair.state); the stream is ALONE afterwards."""
+    for i in range(files):
+        (pair.prim / f"f{i}").write_bytes(os.urandom(size))
+    pair.stream.connect()
+
+    def stop_at_half(p: ResyncProgress) -> None:
+        if p.done_bytes >= p.total_bytes // 2:
+            pair.stream.detach("test: interrupted")
+    with pytest.raises(blocks.ResyncAborted):
+        blocks.resync(pair.stream, pair.prim, pair.dirty, full=True, state_dir=pair.state,
+                      checkpoint_key="k", streams=1, progress=stop_at_half,
+                      checkpoint_interval=0)
+    assert (pair.state / "resync.checkpoint").exists()
 
 
 def random_ops(pair: Pair, rng: random.Random, n: int, files: int = 100) -> None:
