@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from tests.replay_helper import ReplaySink, serving, tree_state
 
-from hvha.replication.mirrorfs import creation_owner, lost_mode_bits, op_path, open_plan
+from hvha.replication.mirrorrules import creation_owner, lost_mode_bits, op_path, open_plan
 from hvha.replication.mount import MirrorMount, cleanup_stale, is_mounted, parse_mountinfo
 from hvha.replication.ops import Chown, Fsync, Rename, Write
 
