@@ -384,3 +384,34 @@ def test_excluded_entries_stay_local_through_mirror_resync_and_verify(lab: Lab) 
     assert (lab.b / "cache" / "own").read_bytes() == b"node2's own cache"
     report = r1.verify()
     assert [d["differences"] for d in report["dirs"]] == [[]], report
+
+
+@needs_root
+def test_a_resync_cut_half_way_refuses_promotion_then_resumes(lab: Lab) -> None:
+    """Fault-matrix row 17: the resync source goes away half way through a full resync. The
+    half-synced copy refuses the primary role; when the source returns, the resync resumes
+    from its checkpoint instead of starting over, and the copies end up equal."""
+    for i in range(12):
+        (lab.a / f"img{i}").write_bytes(os.urandom(8 << 20))  # 96 MiB, at most 16 MB/s
+    r1, r2 = lab.start("node1", bandwidth=16 << 20), lab.start("node2")
+    run(r1.become_primary())
+
+    def percent() -> float:
+        return float((r1.status()["dirs"][0].get("resync") or {}).get("percent", 0.0))
+    until(lambda: percent() > 0, "the full resync under way")  # progress comes per 16 MiB
+    cut = percent()
+    lab.reps.pop("node1").close()  # the source goes away
+    assert cut < 100 and not r2.data_ok(), "a half-synced copy must refuse the primary role"
+
+    r1 = lab.start("node1", bandwidth=16 << 20)
+    run(r1.become_primary())
+    seen: list[float] = []
+
+    def done() -> bool:
+        if percent() > 0 and not seen:
+            seen.append(percent())
+        return r1.in_sync()
+    until(done, "in sync after the resumed resync", timeout=60)
+    # started over, its first report would be the first 16 MiB again (= cut)
+    assert seen and seen[0] > cut, f"the resync started over: {seen} after a cut at {cut}%"
+    assert digest(lab.a) == digest(lab.b) and r2.data_ok()
