@@ -20,6 +20,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -236,5 +237,78 @@ def test_a_lossy_flapping_replication_link_loses_nothing(lab: Lab) -> None:
     _until(lambda: _in_sync(lab), "in sync with the writer stopped")
     missing = sorted(acked - _records(lab.node_path("node2", f"{DATA}/lossy")))
     assert not missing, f"acknowledged records missing on the secondary: {missing[:5]}"
+    assert _tree_digest(lab.node_path("node1", DATA)) == _tree_digest(lab.node_path("node2", DATA))
+    assert roles(lab) == {"node1": "PRIM", "node2": "SECOND"}
+
+
+def _cut_between(lab: Lab, node: str, peer: str) -> None:
+    """nftables in `node`'s namespace: nothing to or from `peer` on either network (the witness
+    stays reachable for both)."""
+    addrs = ", ".join(str(lab.address(peer, net)) for net in ("lan", "repl"))
+    rules = (f"table inet hvha_cut {{\n"
+             f" chain in {{ type filter hook input priority 0; ip saddr {{ {addrs} }} drop; }}\n"
+             f" chain out {{ type filter hook output priority 0; ip daddr {{ {addrs} }} drop; }}\n"
+             "}\n")
+    subprocess.run(["ip", "netns", "exec", lab.ns_name(node), "nft", "-f", "-"], input=rules,
+                   text=True, check=True)
+
+
+def _heal(lab: Lab, node: str) -> None:
+    subprocess.run(["ip", "netns", "exec", lab.ns_name(node), "nft", "delete", "table", "inet",
+                    "hvha_cut"], check=False, capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("nft") is None,
+                    reason="nft (nftables) is not installed: `./dev.sh test` installs it")
+def test_a_partition_between_the_nodes_loses_nothing(lab: Lab) -> None:
+    """Fault-matrix row 7 with data: the nodes cannot reach each other, both reach the witness.
+    Never two primaries; the primary keeps writing (alone, once the witness has fenced the
+    other copy); after healing the other copy resyncs: every acknowledged record is there and
+    the copies are byte-equal."""
+    cluster = cluster_file(lab, replicated=DATA, name="replicated.yaml")
+    out = hvha("apply", str(cluster), "--auto-approve")
+    assert out.returncode == 0, out.stdout + out.stderr
+    wait_roles(lab, {"node1": "PRIM", "node2": "SECOND"})
+    _until(lambda: _in_sync(lab), "the pair in sync before the partition")
+    ledger = lab.exec("node1", [sys.executable, "-c", LEDGER, f"{DATA}/partition"],
+                      stdout=subprocess.PIPE, text=True)
+    acks: list[tuple[float, int]] = []  # (when, record) as the writer reports them
+
+    def read_acks() -> None:
+        assert ledger.stdout is not None
+        for line in ledger.stdout:
+            acks.append((time.monotonic(), int(line)))
+    reader = threading.Thread(target=read_acks, daemon=True)
+    reader.start()
+    try:
+        _until(lambda: bool(acks), "the writer's first record")
+        _cut_between(lab, "node2", "node1")
+        cut_at = time.monotonic()
+        deadline, samples = cut_at + 6, []
+        while time.monotonic() < deadline:
+            r = roles(lab)
+            samples.append(r)
+            assert not (r["node1"] in ("PRIM", "ALONE") and r["node2"] in ("PRIM", "ALONE")), r
+        assert samples[-1]["node1"] == "ALONE", samples[-1]  # primary, writing without its peer
+        healed_at = time.monotonic()
+        _heal(lab, "node2")
+        _until(lambda: _in_sync(lab), "in sync again after healing", timeout=120)
+        alone = [n for t, n in acks if cut_at + 3 < t < healed_at]
+        assert alone, "no write was acknowledged while the nodes were cut off from each other"
+        ledger.kill()
+        ledger.wait()
+        reader.join(timeout=30)
+        acked = {n for _, n in acks}
+    finally:
+        _heal(lab, "node2")
+        if ledger.poll() is None:
+            ledger.kill()
+        ledger.wait()
+        reader.join(timeout=30)
+        assert ledger.stdout is not None
+        ledger.stdout.close()
+    _until(lambda: _in_sync(lab), "in sync with the writer stopped")
+    missing = sorted(acked - _records(lab.node_path("node2", f"{DATA}/partition")))
+    assert not missing, f"acknowledged records missing on node2: {missing[:5]}"
     assert _tree_digest(lab.node_path("node1", DATA)) == _tree_digest(lab.node_path("node2", DATA))
     assert roles(lab) == {"node1": "PRIM", "node2": "SECOND"}

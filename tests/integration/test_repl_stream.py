@@ -19,6 +19,7 @@ import socket
 import ssl
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -308,6 +309,32 @@ def test_a_file_with_new_data_and_new_metadata_while_alone_resyncs_both(
         pair.do(ops.Fsync(None))
         assert tree_digest(pair.prim) == tree_digest(pair.sec)
         assert blocks.verify(pair.stream, pair.prim, check_mtime=True) == []
+
+
+def test_a_silent_peer_the_heartbeats_declare_dead_is_given_up_at_once(
+        tmp_path: Path, certs: dict[str, tls.NodeCreds]) -> None:
+    """A partition: the peer's connection stays open but nothing comes back. Writes must not
+    wait for the stream's own timeout once the heartbeats declare the peer dead."""
+    healed = threading.Event()
+
+    class Silent(Applier):
+        def _serve(self, sock: tls.Channel, reader: object) -> None:  # type: ignore[override]
+            healed.wait(15)
+    alive = [True]
+    with make_pair(tmp_path, certs, timeout=10.0) as pair:
+        pair.applier.close()
+        pair.applier = Silent(pair.sec, node="node2", peer="node1", module="m",
+                              ctx=tls.server_context(certs["node2"]))
+        pair.applier.start()
+        pair.stream.address = pair.applier.address
+        pair.stream.peer_alive = lambda: alive[0]
+        pair.stream.connect()
+        threading.Timer(1.0, lambda: alive.__setitem__(0, False)).start()
+        t0 = time.monotonic()
+        pair.do(ops.Create("f", 0o644))  # waits for an ack that never comes ...
+        assert time.monotonic() - t0 < 4, "the write waited for the stream's 10 s timeout"
+        assert pair.stream.mode is Mode.ALONE and not pair.dirty.is_clean()
+        healed.set()
 
 
 def test_writes_made_durable_by_a_barrier_are_not_resent(

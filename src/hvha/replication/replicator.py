@@ -193,7 +193,8 @@ class _Dir(DirOps):
                              address=(self.s.peer_address, self.port),
                              ctx=tls.client_context(self.s.creds), dirty=self.dirty,
                              generations=self._gens_dict, timeout=self.s.timeout,
-                             on_mode=self._on_mode, fence_alone=self.s.fence is not None)
+                             on_mode=self._on_mode, fence_alone=self.s.fence is not None,
+                             peer_alive=self.s.peer_alive)
         self.mount = MirrorMount(str(self.path), self.stream, excludes=self.excludes)
         try:
             self.mount.start()

@@ -102,10 +102,14 @@ class Stream:
                  ctx: ssl.SSLContext, dirty: DirtyStore,
                  generations: Callable[[], dict[str, Any]] = dict, timeout: float = 10.0,
                  on_mode: Callable[[Mode, str], None] | None = None,
-                 fence_alone: bool = False, barrier_interval: float = 1.0) -> None:
+                 fence_alone: bool = False, barrier_interval: float = 1.0,
+                 peer_alive: Callable[[], bool] | None = None) -> None:
         self.node, self.peer, self.module = node, peer, module
         self.address, self.ctx, self.dirty = address, ctx, dirty
         self.generations, self.timeout, self.on_mode = generations, timeout, on_mode
+        # the heartbeats' verdict: a silent connection to a peer they declare dead is given up
+        # within a second, not after `timeout` (writes would wait that long for a partition)
+        self.peer_alive = peer_alive
         self._order = threading.RLock()
         self._cv = threading.Condition()
         self._send_lock = threading.Lock()
@@ -425,6 +429,9 @@ class Stream:
                         busy = self._pending or self._queries
                         if busy and time.monotonic() - self._progress_at > self.timeout:
                             raise TimeoutError(f"no answer for {self.timeout:g} s") from None
+                    if self.peer_alive is not None and not self.peer_alive():
+                        raise TimeoutError("silent, and the heartbeats say the peer is dead"
+                                           ) from None
                     continue
                 self._handle(frame, conn)
         except (OSError, wire.WireError) as exc:
