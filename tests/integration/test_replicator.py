@@ -415,3 +415,43 @@ def test_a_resync_cut_half_way_refuses_promotion_then_resumes(lab: Lab) -> None:
     # started over, its first report would be the first 16 MiB again (= cut)
     assert seen and seen[0] > cut, f"the resync started over: {seen} after a cut at {cut}%"
     assert digest(lab.a) == digest(lab.b) and r2.data_ok()
+
+
+@needs_root
+def test_a_crashed_primarys_unsent_local_writes_are_resynced_either_way(lab: Lab) -> None:
+    """A primary that dies between applying a write locally and sending it leaves its copy
+    with data the peer never got, named by no dirty map. Found at restart ("primary.active"
+    still there), the next resync compares everything, in whichever direction it runs."""
+    r1, r2 = lab.start("node1"), lab.start("node2")
+    run(r1.become_primary())
+    until(r1.in_sync, "node1 in sync")
+    write_file(lab.a / "ledger", os.urandom(300_000))
+    time.sleep(1.5)  # the activity log's barrier: the peer has it all on disk, nothing dirty
+    r1.close()
+    r2.close()
+    lab.reps.clear()
+
+    def crash_aftermath(node: str, root: Path) -> None:
+        """What a crash leaves: the primary's marker, and a write applied but never sent."""
+        state = next((lab.tmp / node / "state").rglob("generations.json")).parent
+        (state / "primary.active").touch()
+        with open(root / "ledger", "ab") as f:
+            f.write(b"applied here, never sent" * 100_000)
+
+    # 1. the crashed primary comes back first and is primary again: it sends what it has
+    crash_aftermath("node1", lab.a)
+    r1, r2 = lab.start("node1"), lab.start("node2")
+    run(r1.become_primary())
+    until(r1.in_sync, "node1 in sync after its restart")
+    assert digest(lab.a) == digest(lab.b)
+    r1.close()
+    r2.close()
+    lab.reps.clear()
+    # 2. the other node took over; the crashed one returns as its secondary: it is corrected
+    crash_aftermath("node2", lab.b)
+    r1, r2 = lab.start("node1"), lab.start("node2")
+    run(r1.become_primary())
+    until(r1.in_sync, "node1 in sync with the returning node2")
+    assert digest(lab.a) == digest(lab.b)
+    assert not list((lab.tmp / "node2" / "state").rglob("primary.active")), \
+        "the returning copy is still marked after its resync"

@@ -60,6 +60,12 @@ class _Dir(DirOps):
         self._lock = threading.RLock()
         self.gens = generations.load(self.state / "generations.json") or Generations(self.initial)
         self._save()
+        # "primary.active" exists while this node is primary. Found at start, the last primary
+        # period ended in a crash: this copy may hold local writes that never reached the peer
+        # (applied here, not yet sent or acknowledged), which no dirty map names; the next
+        # resync, in either direction, compares everything (unclean, told in the hello)
+        self._active = self.state / "primary.active"
+        self.unclean = self._active.exists()
         self.primary = False
         self.peer_synced = False  # secondary: the live session started in sync or caught up
         self._need_fence = False  # primary alone: the witness must hear it before any ack
@@ -90,6 +96,8 @@ class _Dir(DirOps):
     def _gens_dict(self) -> dict[str, Any]:
         with self._lock:
             out = self.gens.as_dict()
+            if self.unclean:
+                out["unclean"] = True
             if self.discard_peer and self.primary:
                 out["discard"] = self.s.peer  # the operator's word; see _on_hello
             return out
@@ -137,6 +145,7 @@ class _Dir(DirOps):
             self.gens = generations.resync_finished(self.gens, Generations.from_dict(source))
             self._save()
             self.peer_synced = True
+            self._set_clean()
         log.info("replication %s: resync from %s finished, copy consistent", self.ident,
                  self.s.peer)
 
@@ -175,6 +184,12 @@ class _Dir(DirOps):
             self._fence_warned = True
 
     # -- role changes (blocking: called through asyncio.to_thread)
+    def _set_clean(self) -> None:
+        """A resync made both copies equal (call holding _lock)."""
+        self.unclean = False
+        if not self.primary:
+            self._active.unlink(missing_ok=True)
+
     def become_primary(self) -> None:
         if self.primary:
             return
@@ -182,6 +197,12 @@ class _Dir(DirOps):
             self.primary = True
             self.gens = begin_primary(self.gens, self.initial)
             self._save()
+            fd = os.open(self._active, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.fsync(fd)
+            os.close(fd)
+            dfd = os.open(self.state, os.O_RDONLY | os.O_DIRECTORY)
+            os.fsync(dfd)
+            os.close(dfd)
         self._closing = False
         self._stop.clear()
         if self.guard is not None:
@@ -234,6 +255,8 @@ class _Dir(DirOps):
             self.backing_fd = -1
         with self._lock:
             self.primary = False
+            if not self.unclean:  # a clean stop: what was not acknowledged is in the dirty map
+                self._active.unlink(missing_ok=True)
         if self.guard is None:
             self.guard = read_only_guard(self.path)
 
@@ -283,7 +306,7 @@ class _Dir(DirOps):
                 self.refused = self.conflict = ""
                 self.discard_peer = False
                 try:
-                    self._sync(stream, Generations.from_dict(hello))
+                    self._sync(stream, Generations.from_dict(hello), bool(hello.get("unclean")))
                 except Exception as exc:  # the peer went away mid-resync: retry
                     self.last_error = f"resync: {type(exc).__name__}: {exc}"
                     if not self._stop.is_set():
@@ -295,7 +318,7 @@ class _Dir(DirOps):
             self._wake.wait(1.0)
             self._wake.clear()
 
-    def _sync(self, stream: Stream, peer: Generations) -> None:
+    def _sync(self, stream: Stream, peer: Generations, peer_unclean: bool = False) -> None:
         with self._lock:
             local = self.gens
         d = meet(local, peer, self.initial)
@@ -308,21 +331,25 @@ class _Dir(DirOps):
             stream.detach(self.refused)
             return
         assert self.dirty is not None
-        full = d is Decision.FULL_RESYNC_TO_PEER or self.full_requested
-        log.info("replication %s: connected to %s: %s%s", self.ident, self.s.peer, d.value,
-                 " (full, asked by the operator)" if self.full_requested else "")
+        unclean = self.unclean or peer_unclean  # a primary crashed: see __init__
+        full = d is Decision.FULL_RESYNC_TO_PEER or self.full_requested or unclean
+        why = (" (full, asked by the operator)" if self.full_requested else
+               " (full: a primary crashed, its copy may hold writes never sent)" if unclean
+               else "")
+        log.info("replication %s: connected to %s: %s%s", self.ident, self.s.peer, d.value, why)
         blocks.resync(stream, self.backing_fd, self.dirty, full=full, state_dir=self.state,
                       checkpoint_key=f"{local.current:x}-{peer.current:x}",
                       streams=self.s.streams, bandwidth=self.s.bandwidth,
                       excludes=self.excludes)
         if full:
             self.full_requested = False
-        if d is not Decision.IN_SYNC or local.bitmap:
+        if d is not Decision.IN_SYNC or local.bitmap or unclean:
             done = generations.synced(local)
             stream.query({"q": SYNCED_QUERY, "generations": done.as_dict()})
             with self._lock:
                 self.gens = done if self.gens == local else generations.synced(self.gens)
                 self._save()
+                self._set_clean()
         self.last_error = ""
         log.info("replication %s: in sync with %s", self.ident, self.s.peer)
 

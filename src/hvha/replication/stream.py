@@ -218,6 +218,20 @@ class Stream:
             raise NotPersisted(errno.EIO, f"op {seq} not replicated and the dirty map could not"
                                f" be persisted ({exc}): check the state directory's disk") from exc
 
+    def settled(self, seq: int) -> bool:
+        """Wait until op `seq` is acknowledged (True) or the peer is lost (False). For the
+        resync: its ops are in the dirty map once the peer is lost, so unlike wait() there is
+        no fence to wait for (a resync must never hang on an unreachable witness)."""
+        self._flush()
+        with self._cv:
+            while seq in self._pending and not self._closed:
+                self._cv.wait()
+            lost = seq in self._alone_seqs or seq in self._pending  # (pending: closed)
+            if seq in self._alone_seqs:
+                self._alone_seqs.discard(seq)
+                self._tickets.pop(seq, None)
+            return not lost
+
     # ---------------------------------------------------------------- connection management
     def connect(self, timeout: float | None = None) -> Hello:
         """Connect, authenticate and exchange hellos; return the peer's hello. The stream is then

@@ -146,9 +146,7 @@ class Syncer:
         """Wait until everything sent so far is acknowledged; abort if the peer was lost."""
         with self._lock:
             seq = self._last_seq
-        if seq:
-            self.stream.wait(seq)
-        if self.stream.mode is Mode.ALONE:
+        if (seq and not self.stream.settled(seq)) or self.stream.mode is Mode.ALONE:
             raise ResyncAborted(f"peer lost during the resync: {self.stream.last_error}")
 
     def advance(self, nbytes: int) -> None:
