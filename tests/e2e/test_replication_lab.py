@@ -330,6 +330,19 @@ FAULT_SEED = int(os.environ.get("HVHA_E2E_FAULT_SEED", "2026112501"))
 FAULTS = ("power_off_primary", "kill_9_secondary_agent", "partition", "lossy_flapping_link")
 
 
+def _agent_pid(lab: Lab, node: str) -> int:
+    """The agent process itself (the pid file names its supervisor, which restarts it)."""
+    sup = int(lab.node_path(node, "/var/lib/hvha/agent.pid").read_text())
+    for pid in lab.pids(node):
+        try:
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == sup:
+            return pid
+    raise AssertionError(f"no agent process under the supervisor {sup} on {node}")
+
+
 def _primary(lab: Lab) -> tuple[str, str]:
     r = roles(lab)
     prim = next(n for n, role in r.items() if role == "PRIM")
@@ -364,8 +377,7 @@ def test_a_seeded_schedule_of_faults_loses_no_acknowledged_write(lab: Lab) -> No
                 wait_roles(lab, {prim: None, other: "ALONE"}, timeout=30)
                 _power_on(lab, prim, cluster)
             elif fault == "kill_9_secondary_agent":
-                pid = int(lab.node_path(other, "/var/lib/hvha/agent.pid").read_text())
-                os.kill(pid, signal.SIGKILL)
+                os.kill(_agent_pid(lab, other), signal.SIGKILL)
                 time.sleep(rng.uniform(1.0, 4.0))  # its supervisor restarts it meanwhile
             elif fault == "partition":
                 _cut_between(lab, other, prim)
