@@ -207,26 +207,37 @@ def test_a_copy_left_behind_is_refused_the_primary_role(lab: Lab) -> None:
     assert lab.node_path(b, f"{DATA}/left-behind").read_text() == f"only-on-{a}\n"
 
 
-def _lossy(lab: Lab, node: str, percent: int) -> None:
-    """Drop `percent`% of the packets of `node`'s replication interface, both ways (nftables in
-    its namespace; this kernel has no netem)."""
-    ifn = lab.ifname(node, "repl")
-    rules = (f"table inet hvha_loss {{\n"
-             f" chain in {{ type filter hook input priority 0; iifname \"{ifn}\" "
-             f"numgen random mod 100 < {percent} drop; }}\n"
-             f" chain out {{ type filter hook output priority 0; oifname \"{ifn}\" "
-             f"numgen random mod 100 < {percent} drop; }}\n}}\n")
+def _nft_drop(lab: Lab, node: str, table: str, incoming: str, outgoing: str) -> None:
+    """An nftables table in `node`'s namespace dropping what the two matches select."""
+    rules = (f"table inet {table} {{\n"
+             f" chain in {{ type filter hook input priority 0; {incoming} drop; }}\n"
+             f" chain out {{ type filter hook output priority 0; {outgoing} drop; }}\n}}\n")
     subprocess.run(["ip", "netns", "exec", lab.ns_name(node), "nft", "-f", "-"], input=rules,
                    text=True, check=True)
 
 
-def _clear_loss(lab: Lab, node: str) -> None:
+def _nft_delete(lab: Lab, node: str, table: str) -> None:
     subprocess.run(["ip", "netns", "exec", lab.ns_name(node), "nft", "delete", "table", "inet",
-                    "hvha_loss"], check=False, capture_output=True)
+                    table], check=False, capture_output=True)
 
 
-@pytest.mark.skipif(shutil.which("nft") is None,
-                    reason="nft (nftables) is not installed: `./dev.sh test` installs it")
+def _lossy(lab: Lab, node: str, percent: int) -> None:
+    """Drop `percent`% of the packets of `node`'s replication interface, both ways (this kernel
+    has no netem)."""
+    ifn, rnd = lab.ifname(node, "repl"), f"numgen random mod 100 < {percent}"
+    _nft_drop(lab, node, "hvha_loss", f'iifname "{ifn}" {rnd}', f'oifname "{ifn}" {rnd}')
+
+
+def _clear_loss(lab: Lab, node: str) -> None:
+    _nft_delete(lab, node, "hvha_loss")
+
+
+needs_nft = pytest.mark.skipif(shutil.which("nft") is None,
+                               reason="nft (nftables) is not installed: `./dev.sh test` "
+                                      "installs it")
+
+
+@needs_nft
 def test_a_lossy_flapping_replication_link_loses_nothing(lab: Lab) -> None:
     """Fault-matrix rows 12 and 14 on the replication network (heartbeats and the witness use
     the lan): 20% packet loss both ways, then cable pulls of 0.2-3 s, while fsynced records
@@ -270,24 +281,17 @@ def test_a_lossy_flapping_replication_link_loses_nothing(lab: Lab) -> None:
 
 
 def _cut_between(lab: Lab, node: str, peer: str) -> None:
-    """nftables in `node`'s namespace: nothing to or from `peer` on either network (the witness
-    stays reachable for both)."""
-    addrs = ", ".join(str(lab.address(peer, net)) for net in ("lan", "repl"))
-    rules = (f"table inet hvha_cut {{\n"
-             f" chain in {{ type filter hook input priority 0; ip saddr {{ {addrs} }} drop; }}\n"
-             f" chain out {{ type filter hook output priority 0; ip daddr {{ {addrs} }} drop; }}\n"
-             "}\n")
-    subprocess.run(["ip", "netns", "exec", lab.ns_name(node), "nft", "-f", "-"], input=rules,
-                   text=True, check=True)
+    """Nothing to or from `peer` in `node`'s namespace, on either network (the witness stays
+    reachable for both)."""
+    addrs = "{ " + ", ".join(str(lab.address(peer, net)) for net in ("lan", "repl")) + " }"
+    _nft_drop(lab, node, "hvha_cut", f"ip saddr {addrs}", f"ip daddr {addrs}")
 
 
 def _heal(lab: Lab, node: str) -> None:
-    subprocess.run(["ip", "netns", "exec", lab.ns_name(node), "nft", "delete", "table", "inet",
-                    "hvha_cut"], check=False, capture_output=True)
+    _nft_delete(lab, node, "hvha_cut")
 
 
-@pytest.mark.skipif(shutil.which("nft") is None,
-                    reason="nft (nftables) is not installed: `./dev.sh test` installs it")
+@needs_nft
 def test_a_partition_between_the_nodes_loses_nothing(lab: Lab) -> None:
     """Fault-matrix row 7 with data: the nodes cannot reach each other, both reach the witness.
     Never two primaries; the primary keeps writing (alone, once the witness has fenced the
@@ -349,8 +353,7 @@ def _primary(lab: Lab) -> tuple[str, str]:
     return prim, ("node2" if prim == "node1" else "node1")
 
 
-@pytest.mark.skipif(shutil.which("nft") is None,
-                    reason="nft (nftables) is not installed: `./dev.sh test` installs it")
+@needs_nft
 def test_a_seeded_schedule_of_faults_loses_no_acknowledged_write(lab: Lab) -> None:
     """Random but seeded faults (FAULT-MATRIX habits), one per round, against the ledger oracle
     and replica equality: power-off of the primary, kill -9 of the secondary's agent (its
