@@ -112,6 +112,19 @@ def _until(cond: object, what: str, timeout: float = 60) -> None:
         time.sleep(0.2)
 
 
+def _converged(lab: Lab, ledger: str, acked: set[int]) -> None:
+    """After a fault healed, with the writer stopped: in sync, every acknowledged record of
+    `ledger` on both copies, the copies byte-equal, node1 PRIM and node2 SECOND again (a
+    heartbeat hiccup under load may show ALONE for a moment)."""
+    _until(lambda: _in_sync(lab), "in sync with the writer stopped")
+    for node in ("node1", "node2"):
+        missing = sorted(acked - _records(lab.node_path(node, ledger)))
+        assert not missing, f"acknowledged records missing on {node}: {missing[:5]}"
+    assert _tree_digest(lab.node_path("node1", DATA)) == _tree_digest(lab.node_path("node2", DATA))
+    _until(lambda: roles(lab) == {"node1": "PRIM", "node2": "SECOND"}, "PRIM and SECOND",
+           timeout=30)
+
+
 class _Ledger:
     """The ledger writer on `node`, its acknowledgements read as they come: (when, record)."""
 
@@ -273,13 +286,7 @@ def test_a_lossy_flapping_replication_link_loses_nothing(lab: Lab) -> None:
             ledger.kill()
             ledger.wait()
     assert len(acked) >= 5, "the writer made almost no progress: the test proved nothing"
-    _until(lambda: _in_sync(lab), "in sync with the writer stopped")
-    missing = sorted(acked - _records(lab.node_path("node2", f"{DATA}/lossy")))
-    assert not missing, f"acknowledged records missing on the secondary: {missing[:5]}"
-    assert _tree_digest(lab.node_path("node1", DATA)) == _tree_digest(lab.node_path("node2", DATA))
-    # roles converge back (a heartbeat hiccup under load may show ALONE for a moment)
-    _until(lambda: roles(lab) == {"node1": "PRIM", "node2": "SECOND"}, "PRIM and SECOND",
-           timeout=30)
+    _converged(lab, f"{DATA}/lossy", acked)
 
 
 def _cut_between(lab: Lab, node: str, peer: str) -> None:
@@ -324,13 +331,7 @@ def test_a_partition_between_the_nodes_loses_nothing(lab: Lab) -> None:
         _heal(lab, "node2")
         ledger.stop()
     acked = ledger.acked()
-    _until(lambda: _in_sync(lab), "in sync with the writer stopped")
-    missing = sorted(acked - _records(lab.node_path("node2", f"{DATA}/partition")))
-    assert not missing, f"acknowledged records missing on node2: {missing[:5]}"
-    assert _tree_digest(lab.node_path("node1", DATA)) == _tree_digest(lab.node_path("node2", DATA))
-    # roles converge back (a heartbeat hiccup under load may show ALONE for a moment)
-    _until(lambda: roles(lab) == {"node1": "PRIM", "node2": "SECOND"}, "PRIM and SECOND",
-           timeout=30)
+    _converged(lab, f"{DATA}/partition", acked)
 
 
 FAULT_ROUNDS = int(os.environ.get("HVHA_E2E_FAULT_ROUNDS", "2"))  # soak: 50
