@@ -10,11 +10,15 @@ threads::
     stream.wait(seq)                # outside the lock
 
 Many ops are in flight at once: whoever waits first sends what is queued (else the sender
-thread does), a receiver thread reads the secondary's cumulative ACKs (ACK n: every op <= n
-applied, Fsyncs among them durable). On peer loss (connection error, no ack for `timeout`
-seconds with ops in flight, NACK, or `detach()`), every op not yet acknowledged, and every
-later op, is recorded in the DirtyStore, and wait() returns only after that record is durable;
-if it cannot be persisted, wait() raises NotPersisted (an OSError, EIO). Mode is then ALONE.
+thread does). The secondary's cumulative ACKs (ACK n: every op <= n applied, Fsyncs among them
+durable) are read by a waiting thread itself when no other thread is reading (leader/follower:
+the thread whose op it is wakes with its ack in hand, no hand-off from a receiver thread, which
+cost a thread switch per round trip); the receiver thread reads only what nobody waits for
+(queries, barriers, the peer closing an idle connection). On peer loss (connection error, no
+ack for `timeout` seconds with ops in flight, NACK, or `detach()`), every op not yet
+acknowledged, and every later op, is recorded in the DirtyStore, and wait() returns only after
+that record is durable; if it cannot be persisted, wait() raises NotPersisted (an OSError,
+EIO). Mode is then ALONE.
 After `connect()` the mode is RESYNCING until `try_mark_in_sync()` succeeds (blocks.py runs
 the resync through this same stream).
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import select
 import ssl
 import threading
 import time
@@ -111,7 +116,18 @@ class Stream:
         # within a second, not after `timeout` (writes would wait that long for a partition)
         self.peer_alive = peer_alive
         self._order = threading.RLock()
-        self._cv = threading.Condition()
+        lock = threading.RLock()
+        self._cv = threading.Condition(lock)  # state changes: acks, mode, queries
+        # the sender thread waits on its own condition: an ack (one per op) must wake only
+        # the thread waiting for it, not the sender too (a thread switch per op less)
+        self._kick = threading.Condition(lock)
+        # leader/follower reading of the peer's frames (_await, _recv_loop): at most one
+        # thread reads at a time (_reading = its connection number, 0 = nobody); _rx_wake
+        # wakes the receiver thread when work is left that no waiting thread will read
+        self._rx_wake = threading.Condition(lock)
+        self._reading = 0
+        self._waiters = 0
+        self._reader: wire.FrameReader | None = None
         self._send_lock = threading.Lock()
         self.mode = Mode.ALONE
         self.in_sync = False
@@ -177,7 +193,7 @@ class Stream:
             if self._activity.barrier_due():
                 self._queue_barrier()
             if kick and len(self._queue) == 1:
-                self._cv.notify_all()
+                self._kick.notify()
             return seq
 
     def enqueue_flushed_by_caller(self, op: ops.Op) -> int:
@@ -199,13 +215,30 @@ class Stream:
         own fsync, so the secondary's fsync overlaps it)."""
         self._flush()
 
+    def diverged(self, op: ops.Op, seq: int, why: str) -> None:
+        """Op `seq` left for the peer before it was applied here, and applying it here failed
+        or fell short (a large write sent early, then ENOSPC or EIO locally): the peer may hold
+        data this copy lacks. Record the op dirty, durably, and drop the connection, so the
+        incremental resync that follows the reconnect puts the peer's copy back to this one.
+        Raises NotPersisted if the record cannot be made durable."""
+        with self._cv:
+            ticket = self.dirty.record(op)
+        try:
+            self.dirty.sync(ticket)
+        except OSError as exc:
+            raise NotPersisted(errno.EIO, f"op {seq} diverged and the dirty map could not be "
+                               f"persisted ({exc}): check the state directory's disk") from exc
+        self.detach(f"op {seq} was sent but failed locally ({why}): resync")
+        with self._cv:  # the caller reports the local error and never waits for seq
+            self._alone_seqs.discard(seq)
+            self._tickets.pop(seq, None)
+
     def wait(self, seq: int) -> None:
         """Return once op `seq` is acknowledged by the peer or durably recorded as dirty."""
         self._flush()
+        self._await(lambda: not (seq in self._pending or (
+            seq in self._alone_seqs and not self._alone_ok and not self._closed)))
         with self._cv:
-            while seq in self._pending or (seq in self._alone_seqs and not self._alone_ok
-                                           and not self._closed):
-                self._cv.wait()
             ticket = self._tickets.pop(seq, 0)
             if seq in self._alone_seqs:
                 self._alone_seqs.discard(seq)
@@ -223,9 +256,8 @@ class Stream:
         resync: its ops are in the dirty map once the peer is lost, so unlike wait() there is
         no fence to wait for (a resync must never hang on an unreachable witness)."""
         self._flush()
+        self._await(lambda: seq not in self._pending or self._closed)
         with self._cv:
-            while seq in self._pending and not self._closed:
-                self._cv.wait()
             lost = seq in self._alone_seqs or seq in self._pending  # (pending: closed)
             if seq in self._alone_seqs:
                 self._alone_seqs.discard(seq)
@@ -262,10 +294,11 @@ class Stream:
             if self._sock is not None:
                 sock.close()
                 raise StreamDown("already connected: detach() first")
-            self._sock, self._conn = sock, self._conn + 1
+            self._sock, self._conn, self._reader = sock, self._conn + 1, reader
             self.mode, self.in_sync, self.last_error = Mode.RESYNCING, False, ""
             self._alone_ok = True  # the peer is back: what was recorded reaches it by resync
             self._cv.notify_all()
+            self._kick.notify()
             self._progress_at = time.monotonic()
             conn = self._conn
         rx = threading.Thread(target=self._recv_loop, args=(sock, reader, conn), daemon=True,
@@ -304,6 +337,7 @@ class Stream:
         with self._cv:
             self._closed = True
             self._cv.notify_all()
+            self._kick.notify()
         self._sender.join(timeout=10)
         for t in self._threads:
             t.join(timeout=10)
@@ -325,7 +359,8 @@ class Stream:
             self._next_qid += 1
             self._queries[qid] = fut
             self._queue.append((qid, wire.encode_json(request)))
-            self._cv.notify_all()
+            self._kick.notify()
+            self._rx_wake.notify()  # nobody leads for a query: the receiver thread reads
         return fut
 
     def query(self, request: dict[str, Any]) -> bytes:
@@ -363,9 +398,10 @@ class Stream:
             for fut in self._queries.values():
                 fut.set_exception(StreamDown(f"peer lost: {reason}"))
             self._queries.clear()
-            sock, self._sock = self._sock, None
+            sock, self._sock, self._reader = self._sock, None, None
             self._conn += 1
             self._cv.notify_all()
+            self._rx_wake.notify_all()
         if sock is not None:
             sock.shutdown()
         try:  # writes the peer acknowledged before it was lost are known dirty from now on
@@ -384,12 +420,15 @@ class Stream:
                         if self._activity.barrier_due():
                             self._queue_barrier()  # writes paused: make them durable there
                             continue
-                        self._cv.wait(timeout=due + 0.001)
+                        self._kick.wait(timeout=due + 0.001)
                     else:
-                        self._cv.wait()
+                        self._kick.wait()
                 if self._closed:
                     return
             self._flush()
+            with self._cv:  # ops sent here may have nobody waiting to read their acks
+                if not self._reading and not self._waiters:
+                    self._rx_wake.notify()
 
     def _flush(self) -> None:
         with self._send_lock:
@@ -431,26 +470,87 @@ class Stream:
             with self._cv:
                 self.bytes_sent += size
 
-    def _recv_loop(self, sock: tls.Channel, reader: wire.FrameReader, conn: int) -> None:
-        try:
-            while True:
-                try:
-                    frame = reader.read()
-                except TimeoutError:
-                    with self._cv:
-                        if conn != self._conn:
-                            return
-                        busy = self._pending or self._queries
-                        if busy and time.monotonic() - self._progress_at > self.timeout:
-                            raise TimeoutError(f"no answer for {self.timeout:g} s") from None
-                    if self.peer_alive is not None and not self.peer_alive():
-                        raise TimeoutError("silent, and the heartbeats say the peer is dead"
-                                           ) from None
+    def _await(self, done: Callable[[], bool]) -> None:
+        """Return once done() holds (evaluated under _cv). Meanwhile, if no other thread is
+        reading the peer's frames, read them in this thread (leader); else sleep until woken
+        by an ack or by the reader leaving (follower)."""
+        while True:
+            with self._cv:
+                if done():
+                    return
+                sock, reader, conn = self._sock, self._reader, self._conn
+                if self._reading or sock is None or reader is None:
+                    self._waiters += 1
+                    try:
+                        self._cv.wait()
+                    finally:
+                        self._waiters -= 1
                     continue
-                self._handle(frame, conn)
+                self._reading = conn
+            self._lead(sock, reader, conn)
+
+    def _lead(self, sock: tls.Channel, reader: wire.FrameReader, conn: int) -> None:
+        """Read and handle one frame (or one read timeout) as the only reader, then step
+        down: wake a waiting thread to read next, or the receiver thread if work is left
+        that nobody waits for."""
+        try:
+            self._read_one(reader, conn)
         except (OSError, wire.WireError) as exc:
             self._fail(conn, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         finally:
+            with self._cv:
+                self._reading = 0
+                if self._waiters:
+                    self._cv.notify_all()
+                elif conn != self._conn:
+                    self._rx_wake.notify_all()  # a receiver waiting to close its socket
+                elif self._pending or self._queries:
+                    self._rx_wake.notify()
+                # else: nothing outstanding; the receiver goes back to watching the socket
+                # within a second (waking it now would cost a thread switch per op)
+
+    def _read_one(self, reader: wire.FrameReader, conn: int) -> None:
+        """Read one frame and handle it; a read timeout (sock.timeout, at most 1 s) returns
+        without a frame unless the peer is overdue or the heartbeats declare it dead."""
+        try:
+            frame = reader.read()
+        except TimeoutError:
+            with self._cv:
+                if conn != self._conn:
+                    return
+                busy = self._pending or self._queries
+                if busy and time.monotonic() - self._progress_at > self.timeout:
+                    raise TimeoutError(f"no answer for {self.timeout:g} s") from None
+            if self.peer_alive is not None and not self.peer_alive():
+                raise TimeoutError("silent, and the heartbeats say the peer is dead") from None
+            return
+        self._handle(frame, conn)
+
+    def _recv_loop(self, sock: tls.Channel, reader: wire.FrameReader, conn: int) -> None:
+        """The receiver thread of one connection: reads when no waiting thread does (acks
+        of ops nobody waits for, query replies, the peer closing an idle connection)."""
+        try:
+            while True:
+                with self._cv:
+                    if conn != self._conn:
+                        return
+                    if self._reading or self._waiters:  # a waiting thread reads
+                        self._rx_wake.wait(1.0)
+                        continue
+                    busy = bool(self._pending or self._queries)
+                if not busy and not _readable(sock, 1.0):
+                    continue  # idle: watch the socket without taking the reader's place
+                with self._cv:
+                    if conn != self._conn or self._reading or self._waiters:
+                        continue
+                    self._reading = conn
+                self._lead(sock, reader, conn)
+        except (OSError, wire.WireError) as exc:
+            self._fail(conn, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        finally:
+            with self._cv:  # never close the socket under a thread still reading it
+                while self._reading == conn:
+                    self._rx_wake.wait(1.0)
             sock.close()
 
     def _ack(self, upto: int) -> None:
@@ -484,6 +584,17 @@ class Stream:
                 raise wire.WireError(f"secondary: {frame.payload.decode(errors='replace')}")
             else:
                 raise wire.WireError(f"unexpected {frame.type.name} frame from the secondary")
+
+
+def _readable(sock: tls.Channel, timeout: float) -> bool:
+    """Whether a read would find data (or the end of the stream) within `timeout` seconds."""
+    if sock.pending():
+        return True
+    try:
+        ready, _, _ = select.select([sock.raw], [], [], timeout)
+    except (OSError, ValueError):  # closed under us: let the read report it
+        return True
+    return bool(ready)
 
 
 def unwrap(reply: bytes) -> bytes:

@@ -1,0 +1,139 @@
+"""Large writes leave for the peer before they are written locally (mirrorfs._write_early).
+
+Why these tests: sending first lets the two page-cache copies overlap, but it opens a window
+where the peer holds data this copy does not; if the local write then fails (a full disk on
+the primary), the copies must still end up equal, the failed write must never be reported as
+done, and nothing must hang. Real FUSE mount, real TLS stream and applier, a real full tmpfs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import random
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tests.integration.test_repl_stream import tree_digest
+from tests.replay_helper import serving
+
+from hvha.replication import blocks, tls
+from hvha.replication.applier import Applier
+from hvha.replication.dirty import DirtyStore
+from hvha.replication.mirrorfs import EARLY_SEND
+from hvha.replication.mount import MirrorMount
+from hvha.replication.stream import Mode, Stream
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
+    reason="mounts FUSE and tmpfs file systems: needs root and /dev/fuse")
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tls.NodeCreds]:
+    base = tmp_path_factory.mktemp("pki")
+    tls.create_ca(base / "ca")
+    return {n: tls.issue_node_cert(base / "ca", n, base / n) for n in ("node1", "node2")}
+
+
+@contextlib.contextmanager
+def mirrored(tmp: Path, certs: dict[str, tls.NodeCreds], prim: Path
+             ) -> Iterator[tuple[MirrorMount, Stream, DirtyStore, Path]]:
+    """`prim` mounted through the mirror, streamed to an applier on tmp/sec, in sync."""
+    sec = tmp / "sec"
+    sec.mkdir()
+    applier = Applier(sec, node="node2", peer="node1", module="m",
+                      ctx=tls.server_context(certs["node2"]))
+    applier.start()
+    dirty = DirtyStore(tmp / "state", zone_size=64 * 1024)
+    stream = Stream(node="node1", peer="node2", module="m", address=applier.address,
+                    ctx=tls.client_context(certs["node1"]), dirty=dirty, timeout=5.0)
+    try:
+        stream.connect()
+        assert stream.try_mark_in_sync()
+        with serving(MirrorMount(str(prim), stream)) as mount:
+            yield mount, stream, dirty, sec
+    finally:
+        stream.close()
+        applier.close()
+        dirty.close()
+
+
+def test_large_writes_sent_early_keep_order_with_small_writers(
+        tmp_path: Path, certs: dict[str, tls.NodeCreds]) -> None:
+    prim = tmp_path / "prim"
+    prim.mkdir()
+    rng = random.Random(5)
+    with mirrored(tmp_path, certs, prim) as (_, stream, _dirty, sec):
+        big = [rng.randbytes(EARLY_SEND * k) for k in (1, 2, 8)]
+
+        def small_writer() -> None:  # overlapping 4 KiB writes into the same file, fsynced
+            fd = os.open(prim / "img", os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                for i in range(200):
+                    os.pwrite(fd, rng.randbytes(4096), (i * 37 % 512) * 4096)
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        t = threading.Thread(target=small_writer)
+        t.start()
+        fd = os.open(prim / "img", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            for i in range(30):
+                os.pwrite(fd, big[i % 3], (i * 97 % 1024) * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        t.join()
+        with open(prim / "img", "rb+") as f:  # the same through a read-write open
+            f.write(big[2])
+            os.fsync(f.fileno())
+        st = stream.status()
+        assert st.mode is Mode.CONNECTED and st.in_sync
+        assert tree_digest(prim) == tree_digest(sec)
+
+
+def test_a_write_sent_early_that_fails_locally_is_resynced_not_reported(
+        tmp_path: Path, certs: dict[str, tls.NodeCreds]) -> None:
+    prim = tmp_path / "prim"
+    prim.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(prim)], check=True)
+    try:
+        with mirrored(tmp_path, certs, prim) as (mount, stream, dirty, sec):
+            chunk = os.urandom(4 * EARLY_SEND)
+            fd = os.open(prim / "big", os.O_WRONLY | os.O_CREAT, 0o644)
+            written, failure = 0, None
+            try:
+                for _ in range(8):  # 4 MiB into a 1 MiB file system
+                    n = os.write(fd, chunk)
+                    written += n
+                    if n < len(chunk):
+                        break
+            except OSError as exc:
+                failure = exc
+            finally:
+                os.close(fd)
+            if failure is not None:
+                assert failure.errno == errno.ENOSPC, failure
+            else:
+                assert written % len(chunk), "the primary's disk never filled up"
+            assert written <= 1 << 20, "a write was reported done that the primary lacks"
+            # the peer got data this copy lacks: recorded dirty, connection dropped
+            deadline = time.monotonic() + 10
+            while stream.mode is not Mode.ALONE and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert stream.mode is Mode.ALONE and "failed locally" in stream.status().last_error
+            assert "big" in dirty.snapshot().zones
+            # reconnect and resync: the peer's copy is put back to the primary's
+            stream.connect()
+            blocks.resync(stream, f"/proc/self/fd/{mount.root_fd}", dirty, full=False)
+            assert stream.status().in_sync and dirty.is_clean()
+            assert tree_digest(prim) == tree_digest(sec)
+    finally:
+        subprocess.run(["umount", "-l", str(prim)], check=False)
