@@ -15,11 +15,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import ipaddress
+import math
 import os
-import select
 import shutil
 import socket
 import ssl
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 _VALIDITY = datetime.timedelta(days=3650)
+_RBUF = 256 * 1024  # bytes received (and decrypted) at most per call
+_TIMEVAL = struct.Struct("@ll")  # struct timeval (Linux: time_t and suseconds_t are longs)
 
 
 class PeerRejected(ssl.SSLError):
@@ -172,7 +175,18 @@ class Channel:
     """A TLS connection over a memory BIO, safe for one reading and one writing thread at
     once (an ssl.SSLSocket is not: OpenSSL forbids concurrent use of one SSL object, so every
     call on it here holds one short lock, and the socket I/O happens outside that lock).
-    Reads wait at most `timeout` seconds (then TimeoutError; nothing is lost), writes block."""
+    Reads wait at most `timeout` seconds (then TimeoutError; nothing is lost), writes block.
+    `timeout` may be changed at any time; it applies from the next read on.
+
+    Cost per round trip matters (the replication stream makes two per synchronous write), so
+    a read is one blocking recv() on the socket, with no select() before it: the socket stays
+    in blocking mode and the read timeout is the kernel's SO_RCVTIMEO (recv then fails with
+    EAGAIN, raised here as TimeoutError), set again only when `timeout` changed. SO_RCVTIMEO
+    rather than socket.settimeout() because the latter would make sendall() in the writing
+    thread time out too, and would poll() before every recv(). `shutdown` still wakes a
+    blocked reader: recv() returns 0, seen as the end of the stream. The SSL object is asked
+    to decrypt only when it has input (so the common empty case raises no SSLWantReadError),
+    and the bytes received and the decryption share one hold of the lock."""
 
     def __init__(self, raw: socket.socket, ctx: ssl.SSLContext, *, server_side: bool,
                  server_hostname: str | None = None, timeout: float = 10.0) -> None:
@@ -182,19 +196,23 @@ class Channel:
         self.obj = ctx.wrap_bio(self._in, self._out, server_side=server_side,
                                 server_hostname=server_hostname)
         # one receive buffer per connection: a fresh 256 KiB bytes per recv is an mmap+munmap
-        self._rbuf = bytearray(256 * 1024)
+        self._rbuf = bytearray(_RBUF)
         self._rview = memoryview(self._rbuf)
         self._lock = threading.Lock()  # the SSL object
         self._wlock = threading.Lock()  # order of records on the socket
+        self._eof = False  # the stream ended (close_notify, or EOF of the socket)
         raw.settimeout(None)
+        self._rcvtimeo: float | None = None  # SO_RCVTIMEO as last set (None: wait forever)
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self.obj.do_handshake()
+                with self._lock:
+                    self.obj.do_handshake()
                 break
             except ssl.SSLWantReadError:
                 self._flush_out()
-                self._feed(max(deadline - time.monotonic(), 0.001))
+                with self._lock:
+                    self._in_add(self._recv(max(deadline - time.monotonic(), 0.001)))
         self._flush_out()
 
     def _flush_out(self) -> None:
@@ -204,16 +222,27 @@ class Channel:
             if data:
                 self.raw.sendall(data)
 
-    def _feed(self, timeout: float | None) -> None:
-        ready, _, _ = select.select([self.raw], [], [], timeout)
-        if not ready:
-            raise TimeoutError(f"no data from the peer for {timeout} s")
-        got = self.raw.recv_into(self._rbuf)
-        with self._lock:
-            if got:
-                self._in.write(self._rview[:got])
-            else:
-                self._in.write_eof()
+    def _recv(self, timeout: float | None) -> int:
+        """One recv() into the receive buffer, waiting at most `timeout` seconds."""
+        if timeout != self._rcvtimeo:
+            if timeout is None or not math.isfinite(timeout):
+                tv = (0, 0)  # zero: no timeout
+            else:  # at least 1 us, as zero would mean forever
+                usec = max(int(timeout * 1_000_000), 1)
+                tv = divmod(usec, 1_000_000)
+            self.raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(*tv))
+            self._rcvtimeo = timeout
+        try:
+            return self.raw.recv_into(self._rbuf)
+        except BlockingIOError:  # EAGAIN: SO_RCVTIMEO expired
+            raise TimeoutError(f"no data from the peer for {timeout} s") from None
+
+    def _in_add(self, got: int) -> None:
+        """Hand `got` received bytes (0: end of stream) to the SSL object; hold self._lock."""
+        if got:
+            self._in.write(self._rview[:got])
+        else:
+            self._in.write_eof()
 
     def sendall(self, data: bytes | memoryview) -> None:
         with self._wlock:
@@ -224,21 +253,30 @@ class Channel:
 
     def recv_into(self, buf: memoryview | bytearray) -> int:
         """Read at most len(buf) bytes into buf (0 at end of stream)."""
-        view = memoryview(buf)[:256 * 1024]
+        view = memoryview(buf)[:_RBUF]
+        n = len(view)
+        got = -1  # bytes just received, to add to the input BIO (-1: none)
         while True:
             with self._lock:
-                try:
-                    return int(self.obj.read(len(view), view))
-                except ssl.SSLWantReadError:
-                    pending_out = self._out.pending
-                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                if got >= 0:
+                    self._in_add(got)
+                if self._eof:
                     return 0
+                if self._in.pending or self._in.eof or self.obj.pending():
+                    try:
+                        return int(self.obj.read(n, view))
+                    except ssl.SSLWantReadError:
+                        pass
+                    except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                        self._eof = True
+                        return 0
+                pending_out = self._out.pending
             if pending_out:
                 self._flush_out()
-            self._feed(self.timeout)
+            got = self._recv(self.timeout)
 
     def recv(self, n: int) -> bytes:
-        buf = bytearray(min(n, 256 * 1024))
+        buf = bytearray(min(n, _RBUF))
         got = self.recv_into(buf)
         return bytes(buf[:got])
 
@@ -250,7 +288,7 @@ class Channel:
         return self.obj.getpeercert()
 
     def shutdown(self) -> None:
-        """Wake up threads blocked on this connection (they then see an error)."""
+        """Wake up threads blocked on this connection (they then see an error or EOF)."""
         with contextlib.suppress(OSError):
             self.raw.shutdown(socket.SHUT_RDWR)
 
