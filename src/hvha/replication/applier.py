@@ -429,9 +429,10 @@ class TreeWriter(TreeReader):
         if op.path is None:
             _check(_libc.syncfs(self.root_fd), "syncfs")
         else:
-            e = self.stat(op.path)
-            if e is not None and e.kind == "f":
-                fd = self.file_fd(op.path)
+            cached = self._files.get(op.path)  # the file its writes just went to: no stat
+            e = None if cached is not None else self.stat(op.path)
+            if cached is not None or (e is not None and e.kind == "f"):
+                fd = cached if cached is not None else self.file_fd(op.path)
                 (os.fdatasync if op.datasync else os.fsync)(fd)
             elif e is not None and e.kind == "d":
                 os.fsync(self.dir_fd(op.path))
