@@ -11,14 +11,13 @@ threads::
 
 Many ops are in flight at once: whoever waits first sends what is queued (else the sender
 thread does). The secondary's cumulative ACKs (ACK n: every op <= n applied, Fsyncs among them
-durable) are read by a waiting thread itself when no other thread is reading (leader/follower:
-the thread whose op it is wakes with its ack in hand, no hand-off from a receiver thread, which
-cost a thread switch per round trip); the receiver thread reads only what nobody waits for
-(queries, barriers, the peer closing an idle connection). On peer loss (connection error, no
-ack for `timeout` seconds with ops in flight, NACK, or `detach()`), every op not yet
-acknowledged, and every later op, is recorded in the DirtyStore, and wait() returns only after
-that record is durable; if it cannot be persisted, wait() raises NotPersisted (an OSError,
-EIO). Mode is then ALONE.
+durable) are read by a waiting thread itself when no other thread is reading (leader/follower,
+peerreader.py: no hand-off from a receiver thread per round trip); the receiver thread reads
+only what nobody waits for (queries, barriers, the peer closing an idle connection). On peer
+loss (connection error, no ack for `timeout` seconds with ops in flight, NACK, or `detach()`),
+every op not yet acknowledged, and every later op, is recorded in the DirtyStore, and wait()
+returns only after that record is durable; if it cannot be persisted, wait() raises
+NotPersisted (an OSError, EIO). Mode is then ALONE.
 After `connect()` the mode is RESYNCING until `try_mark_in_sync()` succeeds (blocks.py runs
 the resync through this same stream).
 """
@@ -28,21 +27,31 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import select
 import ssl
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 from hvha.replication import ops, tls, wire
 from hvha.replication.activity import ActivityLog
 from hvha.replication.dirty import DirtyStore
+from hvha.replication.peerreader import PeerReader
+from hvha.replication.streamtypes import (
+    Mode,
+    NotPersisted,
+    PeerRefused,
+    ResyncProgress,
+    StreamDown,
+    StreamStatus,
+    unwrap,
+)
 from hvha.replication.wire import FrameType, Hello
+
+__all__ = ["Mode", "NotPersisted", "PeerRefused", "ResyncProgress", "Stream", "StreamDown",
+           "StreamStatus", "unwrap"]
 
 log = logging.getLogger("hvha.replication.stream")
 SPLIT = 4 * 1024 * 1024  # Writes larger than this are sent as several ops
@@ -51,56 +60,7 @@ SPLIT = 4 * 1024 * 1024  # Writes larger than this are sent as several ops
 SEND_PIECE = 256 * 1024
 
 
-class Mode(StrEnum):
-    CONNECTED = "connected"
-    ALONE = "alone"
-    RESYNCING = "resyncing"
-
-
-class StreamDown(ConnectionError):
-    """The peer is not connected (or was lost while a query waited)."""
-
-
-class PeerRefused(ConnectionError):
-    """The peer authenticated but refused the session (its hello says why)."""
-
-
-class NotPersisted(OSError):
-    """An op was neither acknowledged by the peer nor durably recorded as dirty."""
-
-
-@dataclass
-class ResyncProgress:
-    total_bytes: int = 0
-    done_bytes: int = 0
-    started: float = 0.0
-
-    def snapshot(self) -> dict[str, float]:
-        elapsed = max(time.monotonic() - self.started, 1e-6)
-        rate = self.done_bytes / elapsed
-        left = max(self.total_bytes - self.done_bytes, 0)
-        pct = 100.0 * self.done_bytes / self.total_bytes if self.total_bytes else 100.0
-        return {"percent": round(pct, 1), "bytes_left": left, "rate": round(rate),
-                "eta_s": round(left / rate, 1) if rate > 0 else -1.0}
-
-
-@dataclass(frozen=True)
-class StreamStatus:
-    mode: Mode
-    in_sync: bool
-    bytes_sent: int
-    ops_in_flight: int
-    acked_seq: int
-    last_error: str
-    resync: dict[str, float] | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode.value, "in_sync": self.in_sync, "bytes_sent": self.bytes_sent,
-                "ops_in_flight": self.ops_in_flight, "acked_seq": self.acked_seq,
-                "last_error": self.last_error, "resync": self.resync}
-
-
-class Stream:
+class Stream(PeerReader):
     """One module's replication stream to its peer; starts ALONE until connect()."""
 
     def __init__(self, *, node: str, peer: str, module: str, address: tuple[str, int],
@@ -470,89 +430,6 @@ class Stream:
             with self._cv:
                 self.bytes_sent += size
 
-    def _await(self, done: Callable[[], bool]) -> None:
-        """Return once done() holds (evaluated under _cv). Meanwhile, if no other thread is
-        reading the peer's frames, read them in this thread (leader); else sleep until woken
-        by an ack or by the reader leaving (follower)."""
-        while True:
-            with self._cv:
-                if done():
-                    return
-                sock, reader, conn = self._sock, self._reader, self._conn
-                if self._reading or sock is None or reader is None:
-                    self._waiters += 1
-                    try:
-                        self._cv.wait()
-                    finally:
-                        self._waiters -= 1
-                    continue
-                self._reading = conn
-            self._lead(sock, reader, conn)
-
-    def _lead(self, sock: tls.Channel, reader: wire.FrameReader, conn: int) -> None:
-        """Read and handle one frame (or one read timeout) as the only reader, then step
-        down: wake a waiting thread to read next, or the receiver thread if work is left
-        that nobody waits for."""
-        try:
-            self._read_one(reader, conn)
-        except (OSError, wire.WireError) as exc:
-            self._fail(conn, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-        finally:
-            with self._cv:
-                self._reading = 0
-                if self._waiters:
-                    self._cv.notify_all()
-                elif conn != self._conn:
-                    self._rx_wake.notify_all()  # a receiver waiting to close its socket
-                elif self._pending or self._queries:
-                    self._rx_wake.notify()
-                # else: nothing outstanding; the receiver goes back to watching the socket
-                # within a second (waking it now would cost a thread switch per op)
-
-    def _read_one(self, reader: wire.FrameReader, conn: int) -> None:
-        """Read one frame and handle it; a read timeout (sock.timeout, at most 1 s) returns
-        without a frame unless the peer is overdue or the heartbeats declare it dead."""
-        try:
-            frame = reader.read()
-        except TimeoutError:
-            with self._cv:
-                if conn != self._conn:
-                    return
-                busy = self._pending or self._queries
-                if busy and time.monotonic() - self._progress_at > self.timeout:
-                    raise TimeoutError(f"no answer for {self.timeout:g} s") from None
-            if self.peer_alive is not None and not self.peer_alive():
-                raise TimeoutError("silent, and the heartbeats say the peer is dead") from None
-            return
-        self._handle(frame, conn)
-
-    def _recv_loop(self, sock: tls.Channel, reader: wire.FrameReader, conn: int) -> None:
-        """The receiver thread of one connection: reads when no waiting thread does (acks
-        of ops nobody waits for, query replies, the peer closing an idle connection)."""
-        try:
-            while True:
-                with self._cv:
-                    if conn != self._conn:
-                        return
-                    if self._reading or self._waiters:  # a waiting thread reads
-                        self._rx_wake.wait(1.0)
-                        continue
-                    busy = bool(self._pending or self._queries)
-                if not busy and not _readable(sock, 1.0):
-                    continue  # idle: watch the socket without taking the reader's place
-                with self._cv:
-                    if conn != self._conn or self._reading or self._waiters:
-                        continue
-                    self._reading = conn
-                self._lead(sock, reader, conn)
-        except (OSError, wire.WireError) as exc:
-            self._fail(conn, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-        finally:
-            with self._cv:  # never close the socket under a thread still reading it
-                while self._reading == conn:
-                    self._rx_wake.wait(1.0)
-            sock.close()
-
     def _ack(self, upto: int) -> None:
         while self._order_q and self._order_q[0] <= upto:
             del self._pending[self._order_q.popleft()]
@@ -584,21 +461,3 @@ class Stream:
                 raise wire.WireError(f"secondary: {frame.payload.decode(errors='replace')}")
             else:
                 raise wire.WireError(f"unexpected {frame.type.name} frame from the secondary")
-
-
-def _readable(sock: tls.Channel, timeout: float) -> bool:
-    """Whether a read would find data (or the end of the stream) within `timeout` seconds."""
-    if sock.pending():
-        return True
-    try:
-        ready, _, _ = select.select([sock.raw], [], [], timeout)
-    except (OSError, ValueError):  # closed under us: let the read report it
-        return True
-    return bool(ready)
-
-
-def unwrap(reply: bytes) -> bytes:
-    """A REPLY payload -> its body, or OSError with the peer's message."""
-    if reply[:1] == b"\0":
-        return reply[1:]
-    raise OSError(errno.EIO, f"peer could not answer: {reply[1:].decode(errors='replace')}")
