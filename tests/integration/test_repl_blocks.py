@@ -10,9 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from test_repl_stream import (  # noqa: F401 - fixture
-    PUNCH,
-    certs,
+from test_repl_stream import (
     interrupted_full_resync,
     make_pair,
     tree_digest,
@@ -35,7 +33,7 @@ def _populate(root: Path) -> None:
 
 
 def test_verify_lists_differences_and_changes_nothing(
-        tmp_path: Path, certs: dict[str, tls.NodeCreds]) -> None:  # noqa: F811
+        tmp_path: Path, certs: dict[str, tls.NodeCreds]) -> None:
     with make_pair(tmp_path, certs) as pair:
         _populate(pair.prim)
         _populate(pair.sec)
@@ -58,7 +56,7 @@ def test_verify_lists_differences_and_changes_nothing(
 
 
 def test_full_resync_makes_trees_equal(tmp_path: Path,
-                                       certs: dict[str, tls.NodeCreds]) -> None:  # noqa: F811
+                                       certs: dict[str, tls.NodeCreds]) -> None:
     with make_pair(tmp_path, certs) as pair:
         _populate(pair.prim)
         (pair.sec / "dir").mkdir()
@@ -81,7 +79,7 @@ def test_full_resync_makes_trees_equal(tmp_path: Path,
 
 
 def test_incremental_resync_sends_little(tmp_path: Path,
-                                         certs: dict[str, tls.NodeCreds]) -> None:  # noqa: F811
+                                         certs: dict[str, tls.NodeCreds]) -> None:
     with make_pair(tmp_path, certs) as pair:
         pair.stream.connect()
         pair.stream.try_mark_in_sync()
@@ -104,7 +102,7 @@ def test_incremental_resync_sends_little(tmp_path: Path,
 
 
 def test_sparse_file_stays_sparse(tmp_path: Path,
-                                  certs: dict[str, tls.NodeCreds]) -> None:  # noqa: F811
+                                  certs: dict[str, tls.NodeCreds]) -> None:
     with make_pair(tmp_path, certs) as pair:
         with open(pair.prim / "disk.img", "wb") as f:
             f.truncate(GIB)
@@ -125,7 +123,7 @@ def test_sparse_file_stays_sparse(tmp_path: Path,
 
 
 def test_interrupted_full_resync_resumes_from_checkpoint(
-        tmp_path: Path, certs: dict[str, tls.NodeCreds]) -> None:  # noqa: F811
+        tmp_path: Path, certs: dict[str, tls.NodeCreds]) -> None:
     with make_pair(tmp_path, certs) as pair:
         interrupted_full_resync(pair, 4, 32 << 20)
         pair.stream.connect()
@@ -143,7 +141,7 @@ def test_interrupted_full_resync_resumes_from_checkpoint(
         assert not (pair.state / "resync.checkpoint").exists()
 
 
-def test_bandwidth_cap(tmp_path: Path, certs: dict[str, tls.NodeCreds]) -> None:  # noqa: F811
+def test_bandwidth_cap(tmp_path: Path, certs: dict[str, tls.NodeCreds]) -> None:
     import time
     with make_pair(tmp_path, certs) as pair:
         (pair.prim / "f").write_bytes(os.urandom(8 << 20))

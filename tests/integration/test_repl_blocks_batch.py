@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_repl_stream import (  # noqa: F401 - fixture
+from test_repl_stream import (
     Pair,
-    certs,
     interrupted_full_resync,
     make_pair,
     tree_digest,
@@ -63,7 +62,7 @@ class Counter:
 
 
 @pytest.fixture
-def trees(tmp_path: Path, certs: dict[str, tls.NodeCreds]) -> Iterator[Pair]:  # noqa: F811
+def trees(tmp_path: Path, certs: dict[str, tls.NodeCreds]) -> Iterator[Pair]:
     with make_pair(tmp_path, certs) as pair:
         _make_tree(pair.prim)
         shutil.copytree(pair.prim, pair.sec, symlinks=True, dirs_exist_ok=True)
@@ -148,7 +147,7 @@ def test_incremental_resync_of_many_files_is_batched(trees: Pair) -> None:
 
 
 def test_scattered_zones_are_compared_in_few_queries_and_send_little(
-        tmp_path: Path, certs: dict[str, tls.NodeCreds]) -> None:  # noqa: F811
+        tmp_path: Path, certs: dict[str, tls.NodeCreds]) -> None:
     with make_pair(tmp_path, certs) as pair:  # dirty zones of 64 KiB
         pair.stream.connect()
         pair.stream.try_mark_in_sync()
@@ -217,7 +216,7 @@ def test_the_previous_versions_queries_are_still_answered(trees: Pair) -> None:
 
 
 def test_a_write_after_the_checkpoint_to_a_file_it_has_as_done_is_resent(
-        tmp_path: Path, certs: dict[str, tls.NodeCreds]) -> None:  # noqa: F811
+        tmp_path: Path, certs: dict[str, tls.NodeCreds]) -> None:
     with make_pair(tmp_path, certs) as pair:
         interrupted_full_resync(pair, 4, 16 << 20)  # f0 is done (or at its end)
         pair.do(ops.Write("f0", 12_288, os.urandom(4096)))  # while ALONE: dirty map only

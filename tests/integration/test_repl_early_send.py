@@ -19,11 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.integration.test_repl_stream import tree_digest
+from tests.integration.test_repl_stream import make_pair, tree_digest
 from tests.replay_helper import serving
 
 from hvha.replication import blocks, tls
-from hvha.replication.applier import Applier
 from hvha.replication.dirty import DirtyStore
 from hvha.replication.mirrorfs import EARLY_SEND
 from hvha.replication.mount import MirrorMount
@@ -34,34 +33,15 @@ pytestmark = pytest.mark.skipif(
     reason="mounts FUSE and tmpfs file systems: needs root and /dev/fuse")
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tls.NodeCreds]:
-    base = tmp_path_factory.mktemp("pki")
-    tls.create_ca(base / "ca")
-    return {n: tls.issue_node_cert(base / "ca", n, base / n) for n in ("node1", "node2")}
-
-
 @contextlib.contextmanager
 def mirrored(tmp: Path, certs: dict[str, tls.NodeCreds], prim: Path
              ) -> Iterator[tuple[MirrorMount, Stream, DirtyStore, Path]]:
     """`prim` mounted through the mirror, streamed to an applier on tmp/sec, in sync."""
-    sec = tmp / "sec"
-    sec.mkdir()
-    applier = Applier(sec, node="node2", peer="node1", module="m",
-                      ctx=tls.server_context(certs["node2"]))
-    applier.start()
-    dirty = DirtyStore(tmp / "state", zone_size=64 * 1024)
-    stream = Stream(node="node1", peer="node2", module="m", address=applier.address,
-                    ctx=tls.client_context(certs["node1"]), dirty=dirty, timeout=5.0)
-    try:
-        stream.connect()
-        assert stream.try_mark_in_sync()
-        with serving(MirrorMount(str(prim), stream)) as mount:
-            yield mount, stream, dirty, sec
-    finally:
-        stream.close()
-        applier.close()
-        dirty.close()
+    with make_pair(tmp, certs, prim=prim) as pair:
+        pair.stream.connect()
+        assert pair.stream.try_mark_in_sync()
+        with serving(MirrorMount(str(prim), pair.stream)) as mount:
+            yield mount, pair.stream, pair.dirty, pair.sec
 
 
 def test_large_writes_sent_early_keep_order_with_small_writers(

@@ -35,17 +35,6 @@ from hvha.replication.stream import Mode, ResyncProgress, Stream
 PUNCH = blocks.FALLOC_FL_PUNCH_HOLE | blocks.FALLOC_FL_KEEP_SIZE
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tls.NodeCreds]:
-    base = tmp_path_factory.mktemp("pki")
-    tls.create_ca(base / "ca")
-    tls.create_ca(base / "other-ca")
-    return {"node1": tls.issue_node_cert(base / "ca", "node1", base / "n1"),
-            "node2": tls.issue_node_cert(base / "ca", "node2", base / "n2"),
-            "node3": tls.issue_node_cert(base / "ca", "node3", base / "n3"),
-            "rogue": tls.issue_node_cert(base / "other-ca", "node1", base / "rogue")}
-
-
 @dataclass
 class Pair:
     """A primary directory with its Stream and local applier, a secondary with its Applier."""
@@ -83,9 +72,11 @@ class Pair:
 
 @contextlib.contextmanager
 def make_pair(tmp: Path, certs: dict[str, tls.NodeCreds], sec: Path | None = None,
-              timeout: float = 5.0, barrier_interval: float = 1.0) -> Iterator[Pair]:
-    prim = tmp / "prim"
-    prim.mkdir()
+              timeout: float = 5.0, barrier_interval: float = 1.0,
+              prim: Path | None = None) -> Iterator[Pair]:
+    if prim is None:
+        prim = tmp / "prim"
+        prim.mkdir()
     if sec is None:
         sec = tmp / "sec"
         sec.mkdir()
