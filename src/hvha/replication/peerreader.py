@@ -59,8 +59,8 @@ class PeerReader:
                 sock, reader, conn = self._sock, self._reader, self._conn
                 if self._reading or sock is None or reader is None:
                     self._waiters += 1
-                    try:
-                        self._cv.wait()
+                    try:  # woken by an ack or the reader leaving; the timeout only bounds
+                        self._cv.wait(1.0)  # the cost of a wake-up this code failed to send
                     finally:
                         self._waiters -= 1
                     continue
