@@ -211,8 +211,9 @@ class Channel:
                 break
             except ssl.SSLWantReadError:
                 self._flush_out()
+                got = self._recv(max(deadline - time.monotonic(), 0.001))  # outside the lock
                 with self._lock:
-                    self._in_add(self._recv(max(deadline - time.monotonic(), 0.001)))
+                    self._in_add(got)
         self._flush_out()
 
     def _flush_out(self) -> None:
