@@ -60,6 +60,16 @@ for _fn in ("fuse_unmount", "fuse_destroy", "fuse_exit"):
 _HANDLER_NAMES = {"utimens": "utimens_raw"}
 
 
+_pythonapi = ctypes.pythonapi
+_pythonapi.PyGILState_Ensure.restype = ctypes.c_int
+_pythonapi.PyGILState_Ensure.argtypes = []
+_pythonapi.PyThreadState_Get.restype = ctypes.c_void_p
+_pythonapi.PyThreadState_Get.argtypes = []
+for _fn in ("PyThreadState_Clear", "PyThreadState_Delete"):
+    getattr(_pythonapi, _fn).argtypes = [ctypes.c_void_p]
+    getattr(_pythonapi, _fn).restype = None
+
+
 def _dec(path: bytes | None) -> str | None:
     return None if path is None else path.decode("utf-8", "surrogateescape")
 
@@ -77,6 +87,8 @@ class _Adaptor(mfusepy.FUSE):  # type: ignore[misc]
         self.encoding, self.errors = "utf-8", "surrogateescape"
         self._FUSE__critical_exception = None
         self._libfuse2_options_moved_into_libfuse3_config: dict[str, Any] = {}
+        self._worker = threading.local()  # .pinned: this libfuse worker keeps its state
+        self._pinned: list[int] = []  # the kept PyThreadState pointers (_pin_thread_state)
         self.table = mfusepy.fuse_operations()
         for field in mfusepy.fuse_operations._fields_:
             name, proto = field[0], field[1]
@@ -87,6 +99,34 @@ class _Adaptor(mfusepy.FUSE):  # type: ignore[misc]
                 continue
             method = getattr(self, name + "_fuse_3", None) or getattr(self, name)
             setattr(self.table, name, proto(functools.partial(self._wrapper, method)))
+
+    def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        if not getattr(self._worker, "pinned", False):
+            self._pin_thread_state()
+        return super()._wrapper(func, *args, **kwargs)
+
+    def _pin_thread_state(self) -> None:
+        """Keep the calling libfuse worker's Python thread state between requests.
+
+        ctypes runs each callback from a thread Python did not start under PyGILState_Ensure
+        and PyGILState_Release: left alone, every FUSE request creates a thread state and
+        deletes it on return, and with it a frame stack chunk mapped and unmapped each time
+        (an mmap and a munmap per request; a munmap in a threaded process interrupts the
+        other CPUs to flush their TLBs). One more Ensure, never released, keeps the state for
+        the worker's lifetime: the loop keeps its workers (idle threads = max threads), and
+        `release_thread_states` deletes the states once the loop has joined them."""
+        self._worker.pinned = True
+        if any(t.ident == threading.get_ident() for t in threading.enumerate()):
+            return  # a thread Python started keeps its state anyway
+        _pythonapi.PyGILState_Ensure()
+        self._pinned.append(_pythonapi.PyThreadState_Get())
+
+    def release_thread_states(self) -> None:
+        """Delete the pinned states; only once the loop returned (its workers are joined)."""
+        pinned, self._pinned = self._pinned, []
+        for tstate in pinned:
+            _pythonapi.PyThreadState_Clear(tstate)
+            _pythonapi.PyThreadState_Delete(tstate)
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return self.operations.rename(_str(old), _str(new), flags)
@@ -231,7 +271,7 @@ class MirrorMount:
     def _loop(self) -> None:
         cfg = _lib.fuse_loop_cfg_create()
         _lib.fuse_loop_cfg_set_max_threads(cfg, self.max_threads)
-        _lib.fuse_loop_cfg_set_idle_threads(cfg, 4)
+        _lib.fuse_loop_cfg_set_idle_threads(cfg, self.max_threads)  # _Adaptor._pin_thread_state
         try:
             rc = _lib.fuse_loop_mt_312(self._fuse, cfg)
             if rc:
@@ -240,6 +280,8 @@ class MirrorMount:
             _lib.fuse_loop_cfg_destroy(cfg)
             _lib.fuse_unmount(self._fuse)  # no-op when the kernel connection is already gone
             _lib.fuse_destroy(self._fuse)
+            if self._adaptor is not None:  # the loop joined its workers before returning
+                self._adaptor.release_thread_states()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Unmount (lazily if busy), end the loop and release the directory descriptor."""
