@@ -1,4 +1,4 @@
-"""Large writes leave for the peer before they are written locally (mirrorfs._write_early).
+"""Large writes leave for the peer before they are written locally (mirrordata._write_early).
 
 Why these tests: sending first lets the two page-cache copies overlap, but it opens a window
 where the peer holds data this copy does not; if the local write then fails (a full disk on
@@ -24,7 +24,7 @@ from tests.replay_helper import serving
 
 from hvha.replication import blocks, tls
 from hvha.replication.dirty import DirtyStore
-from hvha.replication.mirrorfs import EARLY_SEND
+from hvha.replication.mirrordata import EARLY_SEND
 from hvha.replication.mount import MirrorMount
 from hvha.replication.stream import Mode, Stream
 

@@ -216,6 +216,32 @@ def test_failover_action_hands_over_to_a_secondary() -> None:
     assert s.role is Role.SECOND and s.yielded and Action.STOP_PAYLOAD in acts
 
 
+def test_a_primary_whose_disk_failed_hands_over_to_an_in_sync_peer() -> None:
+    """Fault-matrix row 16: the replicator reports this copy bad (data_ok False, polled on
+    each tick) -> the module moves to the in-sync secondary, and this node then follows it
+    and never takes the role back on its own while its copy is bad."""
+    s = State(role=Role.PRIM, peer_alive=True, peer_role=Role.SECOND, peer_in_sync=True)
+    s, acts = run(s, Event(Ev.TICK, 1, data_ok=False))
+    assert s.role is Role.SECOND and s.yielded and "disk" in s.reason
+    assert acts == [Action.STOP_CHECKERS, Action.STOP_PAYLOAD, Action.DEL_VIP,
+                    Action.RELEASE_LEASE, Action.REPL_SECONDARY]
+    s, acts = run(s, Event(Ev.PEER, 2, peer_role=Role.ALONE))
+    assert s.role is Role.SECOND and acts == []
+    s, acts = run(s, Event(Ev.PEER, 3, peer_alive=False), Event(Ev.TICK, 4, data_ok=False))
+    assert s.role is Role.WAIT and Action.ACQUIRE_LEASE not in acts
+
+
+def test_a_primary_whose_disk_failed_stays_without_an_in_sync_peer() -> None:
+    for peer in (dict(peer_alive=False), dict(peer_alive=True, peer_role=Role.SECOND)):
+        s = replace(State(role=Role.ALONE), **peer)  # type: ignore[arg-type]
+        s, acts = run(s, Event(Ev.TICK, 1, data_ok=False))
+        assert (s.role, acts) == (Role.ALONE, []) and "disk" in s.reason
+        # ...and hands over as soon as the peer has caught up
+        s, acts = run(s, Event(Ev.PEER, 2, peer_alive=True, peer_role=Role.SECOND,
+                               peer_in_sync=True))
+        assert s.role is Role.SECOND and Action.STOP_PAYLOAD in acts
+
+
 def test_lease_lost_fences_at_once() -> None:
     s, acts = run(State(role=Role.ALONE), Event(Ev.LEASE_LOST, 1))
     assert s.role is Role.WAIT and Action.FENCE in acts and Action.STOP_PAYLOAD not in acts

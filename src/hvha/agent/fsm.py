@@ -191,12 +191,19 @@ def _settle_primary(s: State, now: float, p: Policy) -> Result:
             return _leave_primary(s, Role.WAIT, "split brain: the peer is primary too", now,
                                   fence=True)
         return _go(s, s.role, "split brain: the peer is primary too (it gives way)", now), []
+    in_sync = s.peer_alive and s.peer_role is Role.SECOND and s.peer_in_sync
+    if not s.data_ok:  # this copy went bad under the primary (its disk failed: localfault)
+        if in_sync:
+            return _leave_primary(replace(s, yielded=True), Role.SECOND,
+                                  "local data failed (disk I/O error): handing over to the "
+                                  "in-sync peer", now)
+        return _go(s, Role.ALONE, "local data failed (disk I/O error) and no in-sync peer "
+                   "to hand over to: staying; `hvha status` tells the error", now), []
     failback_due = (p.failback and p.peer_preferred and s.peer_second_since is not None
                     and now - s.peer_second_since >= p.stability_window)
     if failback_due:
         return _leave_primary(replace(s, yielded=True), Role.SECOND,
                               "failback to the preferred node", now)
-    in_sync = s.peer_alive and s.peer_role is Role.SECOND and s.peer_in_sync
     role = Role.PRIM if in_sync else Role.ALONE
     reason = "the peer is an in-sync secondary" if in_sync else (
         "peer in resync" if s.peer_alive and s.peer_role is Role.SECOND else "peer away")

@@ -40,6 +40,8 @@ class DirOps:
     conflict: str
     full_requested: bool
     discard_peer: bool
+    fault: str  # the local disk failed while primary (localfault); "" if not
+    _fault_file: Path
     _busy: str  # why sessions are refused right now ("": they are not)
     _lock: threading.RLock
     _wake: threading.Event
@@ -121,16 +123,23 @@ class DirOps:
         return f"{self.path}: {self.s.peer} discards its copy at the next connection"
 
     def force_good(self) -> bool:
-        """`hvha prim --force`: declare this copy good. True if it was half-synced."""
+        """`hvha prim --force`: declare this copy good. True if it was half-synced or on a
+        disk that failed (localfault)."""
         with self._lock:
-            if not self.gens.inconsistent:
-                return False
-            self.gens = admin.forced(self.gens)
-            self._save()
-        log.warning("replication %s: FORCED: this copy is half-synced (a resync from %s did not "
-                    "finish) and is now taken as good data", self.ident, self.s.peer)
-        return True
-
+            fault, half = self.fault, self.gens.inconsistent
+            if fault:
+                self.fault = ""
+                self._fault_file.unlink(missing_ok=True)
+            if half:
+                self.gens = admin.forced(self.gens)
+                self._save()
+        if fault:
+            log.warning("replication %s: FORCED: this copy is taken as good although its disk "
+                        "failed (%s)", self.ident, fault)
+        if half:
+            log.warning("replication %s: FORCED: this copy is half-synced (a resync from %s did "
+                        "not finish) and is now taken as good data", self.ident, self.s.peer)
+        return bool(fault) or half
 
 
 # ------------------------------------------------------------------ a module's directories

@@ -5,7 +5,7 @@ reaches the secondary before the caller is told it succeeded. Mounted over the d
 it does backing I/O through a descriptor opened before the mount (`root_fd`); each mutating
 handler runs `with sink.ordered(): apply locally; seq = sink.enqueue(op)` then `sink.wait(seq)`
 outside the lock. A local failure returns its errno and enqueues nothing; a sink failure returns
-EIO. fsync enqueues an `Fsync` barrier, fsyncs locally while the secondary works, then waits.
+EIO. The data path (write, fsync barriers, the local disk's faults) is in mirrordata.py.
 Binding: mfusepy / libfuse3 high level (benchmarks/fuse_bindings.py says why); mount.py runs it.
 
 O_DIRECT opens are served with FOPEN_DIRECT_IO (no kernel page cache for that open) while the
@@ -23,14 +23,15 @@ import logging
 import os
 import stat
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import Any
 
 import mfusepy  # type: ignore[import-untyped]
 
 from hvha.replication import exclude
 from hvha.replication import ops as o
 from hvha.replication.exclude import Excludes
+from hvha.replication.localfault import FaultLatch
+from hvha.replication.mirrordata import DataPath, ReplicationSink, _fail
 from hvha.replication.mirrorrules import (
     OpenPlan,
     backing_path,
@@ -53,24 +54,10 @@ _libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctyp
 AT_SYMLINK_NOFOLLOW = 0x100
 _STATVFS_FIELDS = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
                    "f_ffree", "f_favail", "f_namemax")
-#: Writes at least this large are sent to the peer before they are written here (_write_early)
-EARLY_SEND = 128 * 1024
 COPY_CHUNK = 16 << 20  # copy_file_range: largest range replicated per request (bounded memory)
 
 
-class ReplicationSink(Protocol):
-    """The stream as the file system sees it (implemented by replication/stream.py)."""
-
-    def ordered(self) -> AbstractContextManager[None]: ...
-    def enqueue(self, op: Op) -> int: ...
-    def wait(self, seq: int) -> None: ...
-
-
 # -- pure translation rules
-
-
-def _fail(err: int) -> OSError:
-    return mfusepy.FuseOSError(err)  # type: ignore[no-any-return]
 
 
 def _ftruncate(fd: int, length: int) -> int:
@@ -87,15 +74,18 @@ def _check(ret: int) -> int:
 # -- the file system
 
 
-class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
-    """Handlers called by the FUSE loop (see mount.py); `fi` is the raw fuse_file_info."""
+class MirrorFS(DataPath, mfusepy.Operations):  # type: ignore[misc]
+    """Handlers called by the FUSE loop (see mount.py); `fi` is the raw fuse_file_info. The
+    data path (read, write, fsync) is in mirrordata.py."""
 
     use_ns = True
 
     def __init__(self, root_fd: int, sink: ReplicationSink, *,
-                 sync_on_close: bool = False, excludes: Excludes | None = None) -> None:
+                 sync_on_close: bool = False, excludes: Excludes | None = None,
+                 faults: FaultLatch | None = None) -> None:
         self.root = root_fd
         self.sink = sink
+        self.faults = faults or FaultLatch()
         self.excludes = excludes or Excludes()
         # every op enqueued here is waited for (or flushed) by the same thread: a sink that can
         # skip waking its sender thread for such ops says so with this method
@@ -213,9 +203,6 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
     def listxattr(self, path: str) -> list[str]:
         return os.listxattr(self._xpath(path), follow_symlinks=path == "/")
 
-    def read(self, path: str | None, size: int, offset: int, fi: Any) -> bytes:
-        return os.pread(fi.fh, size, offset)
-
     def lseek(self, path: str | None, offset: int, whence: int, fi: Any) -> int:
         return os.lseek(fi.fh, offset, whence)
 
@@ -268,87 +255,6 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
             self._wait(seqs[-1])
         return 0
 
-    def write(self, path: str | None, data: bytes, offset: int, fi: Any) -> int:
-        fh = fi.fh
-        if len(data) >= EARLY_SEND and self._early is not None:
-            return self._write_early(path, data, offset, fh, *self._early)
-        with self.sink.ordered():
-            n = os.pwrite(fh, data, offset)
-            name = self._name(path, fh)
-            if name is None:
-                return n
-            seq = self._enqueue(o.Write(name, offset, data if n == len(data) else data[:n]))
-        if fh in self._sync_fhs:
-            self._fsync(name, fh, True)
-        else:
-            self._wait(seq)
-        return n
-
-    def _write_early(self, path: str | None, data: bytes, offset: int, fh: int,
-                     flush: Callable[[], None], diverged: Callable[[Op, int, str], None]
-                     ) -> int:
-        """A large write leaves for the peer before it is written here, so the secondary
-        receives and applies it while this side copies it into its own page cache: the two
-        copies overlap instead of adding up (measured in docs/benchmarks.md). Still under
-        the order lock, so local order == stream order. If the local write then fails or is
-        short, the peer may hold data this copy lacks: the sink records the op dirty and
-        reconnects, and the resync puts the peer back to this copy; the app gets the local
-        result, as it would without replication."""
-        with self.sink.ordered():
-            name = self._name(path, fh)
-            op = o.Write(name, offset, data) if name is not None else None
-            seq = self._enqueue(op) if op is not None else 0
-            if seq:
-                try:
-                    flush()
-                except Exception:  # the wait below reports a lost peer as usual
-                    log.debug("replication: sending a write early failed", exc_info=True)
-            try:
-                n = os.pwrite(fh, data, offset)
-            except OSError as e:
-                if op is not None and seq:
-                    self._diverged(diverged, op, seq, e.strerror or str(e))
-                raise
-            if n < len(data) and op is not None and seq:
-                self._diverged(diverged, op, seq, f"short write: {n} of {len(data)} bytes")
-        if name is not None and fh in self._sync_fhs:
-            self._fsync(name, fh, True)
-        else:
-            self._wait(seq)
-        return n
-
-    @staticmethod
-    def _diverged(diverged: Callable[[Op, int, str], None], op: Op, seq: int, why: str) -> None:
-        log.warning("local write to %s failed after it was sent to the peer (%s): "
-                    "recording it dirty for a resync", getattr(op, "path", "?"), why)
-        try:
-            diverged(op, seq, why)
-        except Exception as e:
-            log.error("replication: could not record the diverged write: %s; answering EIO", e)
-            raise _fail(errno.EIO) from e
-
-    def _fsync(self, name: str | None, fd: int, datasync: bool) -> None:
-        """Barrier first, local fsync while the secondary works, then wait for both disks."""
-        with self.sink.ordered():
-            seq = self._enqueue(o.Fsync(name, datasync))
-        flush = getattr(self.sink, "flush", None)  # send the barrier now, not from a thread
-        if flush is not None:
-            try:
-                flush()
-            except Exception:  # the wait below reports a lost peer as usual
-                log.debug("replication: sending the barrier early failed", exc_info=True)
-        os.fdatasync(fd) if datasync else os.fsync(fd)
-        self._wait(seq)
-
-    def fsync(self, path: str | None, datasync: int, fi: Any) -> int:
-        self._fsync(self._name(path, fi.fh), fi.fh, bool(datasync))
-        return 0
-
-    def flush(self, path: str | None, fi: Any) -> int:
-        if self.sync_on_close:
-            self._fsync(self._name(path, fi.fh), fi.fh, False)
-        return 0
-
     def release(self, path: str | None, fi: Any) -> int:
         self._sync_fhs.discard(fi.fh)
         os.close(fi.fh)
@@ -358,7 +264,7 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
         fd = os.open(backing_path(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
                      dir_fd=self.root)
         try:
-            self._fsync(op_path(path), fd, bool(datasync))
+            self._fsync(op_path(path), fd, bool(datasync), "fsyncdir")
         finally:
             os.close(fd)
         return 0

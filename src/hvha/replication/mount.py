@@ -28,7 +28,9 @@ from typing import Any
 import mfusepy  # type: ignore[import-untyped]
 
 from hvha.replication.exclude import Excludes
-from hvha.replication.mirrorfs import MirrorFS, ReplicationSink
+from hvha.replication.localfault import FaultLatch
+from hvha.replication.mirrordata import ReplicationSink
+from hvha.replication.mirrorfs import MirrorFS
 
 log = logging.getLogger(__name__)
 
@@ -210,9 +212,10 @@ class MirrorMount:
 
     def __init__(self, path: str, sink: ReplicationSink, *, max_threads: int = 16,
                  sync_on_close: bool = False, mount_timeout: float = 10.0,
-                 excludes: Excludes | None = None) -> None:
+                 excludes: Excludes | None = None, faults: FaultLatch | None = None) -> None:
         self.path = os.path.realpath(path)
         self.excludes = excludes
+        self.faults = faults  # the directory's latch: it outlives the mount (see localfault)
         self.sink = sink
         self.max_threads = max_threads
         self.sync_on_close = sync_on_close
@@ -235,7 +238,7 @@ class MirrorMount:
         self.root_fd = os.open(self.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fs = MirrorFS(self.root_fd, self.sink, sync_on_close=self.sync_on_close,
-                          excludes=self.excludes)
+                          excludes=self.excludes, faults=self.faults)
             self._adaptor = _Adaptor(fs)
             opts = ("allow_other,default_permissions,subtype=hvha,"
                     f"fsname=hvha:{self.path.replace(',', '_')}")

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from hvha.replication import admin, blocks, dirops, generations, tls, wire
+from hvha.replication import admin, blocks, dirops, generations, localfault, tls, wire
 from hvha.replication.admin import REFUSALS, OperatorError, meet
 from hvha.replication.applier import ReadOnlyGuard, read_only_guard
 from hvha.replication.dirops import DirOps
@@ -38,6 +38,7 @@ from hvha.replication.dirparts import SYNCED_QUERY, DirApplier, Settings, creds_
 from hvha.replication.dirty import DirtyStore
 from hvha.replication.exclude import Excludes
 from hvha.replication.generations import Decision, Generations
+from hvha.replication.localfault import FaultLatch
 from hvha.replication.mount import MirrorMount
 from hvha.replication.plan import FROM_PEER, TO_PEER, begin_primary, dir_key, initial_id
 from hvha.replication.stream import Mode, PeerRefused, Stream
@@ -65,7 +66,9 @@ class _Dir(DirOps):
         # (applied here, not yet sent or acknowledged), which no dirty map names; the next
         # resync, in either direction, compares everything (unclean, told in the hello)
         self._active = self.state / "primary.active"
-        self.unclean = self._active.exists()
+        self._fault_file = self.state / "local.fault"  # this disk failed while primary
+        self.fault = localfault.load(self._fault_file)
+        self.unclean = self._active.exists() or bool(self.fault)
         self.primary = False
         self.peer_synced = False  # secondary: the live session started in sync or caught up
         self._need_fence = False  # primary alone: the witness must hear it before any ack
@@ -184,9 +187,22 @@ class _Dir(DirOps):
             self._fence_warned = True
 
     # -- role changes (blocking: called through asyncio.to_thread)
+    def _on_fault(self, text: str) -> None:
+        """The mirror's disk failed (a FUSE thread): this copy is suspect until a resync that
+        compares everything rewrites it; data_ok() turns False, so the agent hands the module
+        to an in-sync peer (agent/fsm.py)."""
+        with self._lock:
+            self.fault, self.unclean, self.last_error = text, True, text
+        localfault.persist(self._fault_file, text)
+
     def _set_clean(self) -> None:
         """A resync made both copies equal (call holding _lock)."""
         self.unclean = False
+        if self.fault:
+            log.warning("replication %s: a full resync rewrote this copy after its disk "
+                        "failed (%s)", self.ident, self.fault)
+            self.fault = ""
+            self._fault_file.unlink(missing_ok=True)
         if not self.primary:
             self._active.unlink(missing_ok=True)
 
@@ -216,7 +232,8 @@ class _Dir(DirOps):
                              generations=self._gens_dict, timeout=self.s.timeout,
                              on_mode=self._on_mode, fence_alone=self.s.fence is not None,
                              peer_alive=self.s.peer_alive)
-        self.mount = MirrorMount(str(self.path), self.stream, excludes=self.excludes)
+        self.mount = MirrorMount(str(self.path), self.stream, excludes=self.excludes,
+                                 faults=FaultLatch(self._on_fault))
         try:
             self.mount.start()
         except BaseException:
@@ -367,7 +384,7 @@ class _Dir(DirOps):
                                "role": "primary" if self.primary else "secondary",
                                "generations": self._gens_dict(), "last_error": self.last_error,
                                "refused": self.refused, "conflict": self.conflict,
-                               "full_requested": self.full_requested,
+                               "full_requested": self.full_requested, "local_fault": self.fault,
                                "discard_requested": self.discard_peer}
         if st is not None:
             out.update(st.status().as_dict())
@@ -416,7 +433,8 @@ class MirrorReplicator:
             raise
 
     def data_ok(self) -> bool:
-        return all(generations.may_promote(d.gens) for d in self._dirs)
+        """Every copy may serve: none half-synced, none on a disk that failed (localfault)."""
+        return all(generations.may_promote(d.gens) and not d.fault for d in self._dirs)
 
     def in_sync(self) -> bool:
         return all(d.in_sync() for d in self._dirs)

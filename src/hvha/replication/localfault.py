@@ -1,0 +1,91 @@
+"""The primary's own disk failing: sticky fsync errors, and the fault the agent fails over on.
+
+Why: after a failed writeback the kernel marks the pages clean and reports the error to one
+fsync only; a later fsync of the same file returns 0 although the data never reached the disk
+(PostgreSQL's "fsyncgate"). An application that retries would take that 0 for durability. And
+a primary whose disk fails should hand the module to an in-sync peer, whose copy holds every
+acknowledged write. So the first local I/O failure of a mirror (any failed fsync, or EIO from
+a read or write) latches: every later fsync of that mount fails with the same errno, and the
+replicated directory reports the fault (its data is then not OK: the agent hands over, see
+agent/fsm.py, and the next resync into this copy compares everything).
+
+Failures that say nothing about the device stay ordinary errors for the caller: ENOSPC or
+EDQUOT from a write (a full file system), EBADF, EINVAL, and so on. Pure bookkeeping; the
+handlers in mirrordata.py call it around their local I/O.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger("hvha.replication")
+
+#: local operations whose every failure means data may be lost (writeback errors surface here)
+_FLUSHES = frozenset({"fsync", "fdatasync", "fsyncdir"})
+
+
+def is_device_fault(what: str, err: int) -> bool:
+    """Whether the failure of local operation `what` with `err` means the disk failed."""
+    if what in _FLUSHES:
+        return err != errno.EINTR
+    return err == errno.EIO
+
+
+class FaultLatch:
+    """The first device fault of a mirror mount; `on_fault(text)` is told once (any thread)."""
+
+    def __init__(self, on_fault: Callable[[str], None] | None = None) -> None:
+        self._on_fault = on_fault
+        self._lock = threading.Lock()
+        self.errno = 0
+        self.text = ""
+
+    def note(self, what: str, path: str | None, exc: OSError) -> None:
+        """Local operation `what` on `path` failed with `exc`: latch it if it is a fault."""
+        err = exc.errno or errno.EIO
+        if not is_device_fault(what, err):
+            return
+        with self._lock:
+            if self.errno:
+                return
+            self.errno = err
+            self.text = (f"local {what} of {path or '?'} failed: {errno.errorcode.get(err, err)}"
+                         f" ({exc.strerror or exc})")
+        log.error("replication: %s; every later fsync on this mirror fails, and the module is "
+                  "handed to an in-sync peer", self.text)
+        if self._on_fault is not None:
+            self._on_fault(self.text)
+
+    def check(self) -> None:
+        """Raise the latched error: a flush after a fault never reports success."""
+        if self.errno:
+            raise OSError(self.errno, f"the disk under this mirror failed earlier ({self.text})")
+
+
+def load(path: Path) -> str:
+    """The fault recorded in `path` by `persist` ("" if none)."""
+    try:
+        return path.read_text(errors="replace").strip() or "local disk failed"
+    except FileNotFoundError:
+        return ""
+
+
+def persist(path: Path, text: str) -> None:
+    """Record a fault (0600, fsynced) so that a restart still knows this copy is suspect. The
+    state directory may sit on the failing disk: a failure here is logged, and the fault then
+    lives in memory only (the primary.active marker still makes the next resync compare
+    everything)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, text.encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.error("replication: could not record the local fault in %s: %s", path, exc)

@@ -1,0 +1,162 @@
+"""The mirror's data path: read, write and the fsync barriers (a mixin of MirrorFS).
+
+Why a module of its own: this is where the replication contract lives. A write returns once
+the secondary has it; fsync sends a barrier, fsyncs locally while the secondary works and
+returns once both disks have the data. Large writes leave for the peer before they are written
+here (`_write_early`). And the local disk's own failures are judged here (localfault): the
+first failed fsync, or EIO, latches, and every later fsync of the mount fails, never a late
+success. The namespace handlers (create, rename, ...) stay in mirrorfs.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+import mfusepy  # type: ignore[import-untyped]
+
+from hvha.replication import ops as o
+from hvha.replication.localfault import FaultLatch
+from hvha.replication.ops import Op
+
+log = logging.getLogger("hvha.replication.mirrorfs")
+
+#: Writes at least this large are sent to the peer before they are written here (_write_early)
+EARLY_SEND = 128 * 1024
+
+
+class ReplicationSink(Protocol):
+    """The stream as the file system sees it (implemented by replication/stream.py)."""
+
+    def ordered(self) -> AbstractContextManager[None]: ...
+    def enqueue(self, op: Op) -> int: ...
+    def wait(self, seq: int) -> None: ...
+
+
+def _fail(err: int) -> OSError:
+    return mfusepy.FuseOSError(err)  # type: ignore[no-any-return]
+
+
+class DataPath:
+    """read / write / fsync of MirrorFS; needs the attributes and helpers declared below."""
+
+    sink: ReplicationSink
+    faults: FaultLatch
+    _early: tuple[Callable[[], None], Callable[[Op, int, str], None]] | None
+    _sync_fhs: set[int]
+    sync_on_close: bool
+
+    def _enqueue(self, op: Op, *, decided: bool = False) -> int:
+        raise NotImplementedError
+
+    def _wait(self, seq: int) -> None:
+        raise NotImplementedError
+
+    def _name(self, path: str | None, fh: int) -> str | None:
+        raise NotImplementedError
+
+    def read(self, path: str | None, size: int, offset: int, fi: Any) -> bytes:
+        try:
+            return os.pread(fi.fh, size, offset)
+        except OSError as e:
+            self.faults.note("read", path, e)
+            raise
+
+    def write(self, path: str | None, data: bytes, offset: int, fi: Any) -> int:
+        fh = fi.fh
+        if len(data) >= EARLY_SEND and self._early is not None:
+            return self._write_early(path, data, offset, fh, *self._early)
+        with self.sink.ordered():
+            n = self._pwrite(path, fh, data, offset)
+            name = self._name(path, fh)
+            if name is None:
+                return n
+            seq = self._enqueue(o.Write(name, offset, data if n == len(data) else data[:n]))
+        return self._written(name, fh, seq, n)
+
+    def _pwrite(self, path: str | None, fh: int, data: bytes, offset: int) -> int:
+        try:
+            return os.pwrite(fh, data, offset)
+        except OSError as e:
+            self.faults.note("write", path, e)
+            raise
+
+    def _written(self, name: str | None, fh: int, seq: int, n: int) -> int:
+        """A write's end: durable on both nodes for O_SYNC/O_DSYNC handles, else replicated."""
+        if name is not None and fh in self._sync_fhs:
+            self._fsync(name, fh, True)
+        else:
+            self._wait(seq)
+        return n
+
+    def _write_early(self, path: str | None, data: bytes, offset: int, fh: int,
+                     flush: Callable[[], None], diverged: Callable[[Op, int, str], None]
+                     ) -> int:
+        """A large write leaves for the peer before it is written here, so the secondary
+        receives and applies it while this side copies it into its own page cache: the two
+        copies overlap instead of adding up (measured in docs/benchmarks.md). Still under
+        the order lock, so local order == stream order. If the local write then fails or is
+        short, the peer may hold data this copy lacks: the sink records the op dirty and
+        reconnects, and the resync puts the peer back to this copy; the app gets the local
+        result, as it would without replication."""
+        with self.sink.ordered():
+            name = self._name(path, fh)
+            op = o.Write(name, offset, data) if name is not None else None
+            seq = self._enqueue(op) if op is not None else 0
+            if seq:
+                try:
+                    flush()
+                except Exception:  # the wait below reports a lost peer as usual
+                    log.debug("replication: sending a write early failed", exc_info=True)
+            try:
+                n = self._pwrite(path, fh, data, offset)
+            except OSError as e:
+                if op is not None and seq:
+                    self._diverged(diverged, op, seq, e.strerror or str(e))
+                raise
+            if n < len(data) and op is not None and seq:
+                self._diverged(diverged, op, seq, f"short write: {n} of {len(data)} bytes")
+        return self._written(name, fh, seq, n)
+
+    @staticmethod
+    def _diverged(diverged: Callable[[Op, int, str], None], op: Op, seq: int, why: str) -> None:
+        log.warning("local write to %s failed after it was sent to the peer (%s): "
+                    "recording it dirty for a resync", getattr(op, "path", "?"), why)
+        try:
+            diverged(op, seq, why)
+        except Exception as e:
+            log.error("replication: could not record the diverged write: %s; answering EIO", e)
+            raise _fail(errno.EIO) from e
+
+    def _fsync(self, name: str | None, fd: int, datasync: bool, what: str = "") -> None:
+        """Barrier first, local fsync while the secondary works, then wait for both disks.
+        After a fault of this disk, fail at once with its errno (never a late success)."""
+        what = what or ("fdatasync" if datasync else "fsync")
+        self.faults.check()
+        with self.sink.ordered():
+            seq = self._enqueue(o.Fsync(name, datasync))
+        flush = getattr(self.sink, "flush", None)  # send the barrier now, not from a thread
+        if flush is not None:
+            try:
+                flush()
+            except Exception:  # the wait below reports a lost peer as usual
+                log.debug("replication: sending the barrier early failed", exc_info=True)
+        try:
+            os.fdatasync(fd) if datasync else os.fsync(fd)
+        except OSError as e:
+            self.faults.note(what, name, e)
+            raise
+        self._wait(seq)
+
+    def fsync(self, path: str | None, datasync: int, fi: Any) -> int:
+        self._fsync(self._name(path, fi.fh), fi.fh, bool(datasync))
+        return 0
+
+    def flush(self, path: str | None, fi: Any) -> int:
+        if self.sync_on_close:
+            self._fsync(self._name(path, fi.fh), fi.fh, False)
+        return 0
