@@ -79,6 +79,12 @@ def test_units() -> None:
      "INCONSISTENT: resync from node2 unfinished (never promoted unless forced)"),
     (module(secondary(in_sync=False)), "waiting for the primary (node2)"),
     ({"module": "web", "replication": {"error": "boom"}}, "status error: boom"),
+    (module(primary(local_fault="local fsync of /disk.img failed: EIO (Input/output error)")),
+     "DISK FAILED: local fsync of /disk.img failed: EIO (Input/output error); fsync fails here;"
+     " node2 takes over once in sync"),
+    (module(secondary(in_sync=False, local_fault="local fsync of /a failed: EIO (I/O error)")),
+     "DISK FAILED: local fsync of /a failed: EIO (I/O error); a full resync from node2 repairs"
+     " this copy"),
 ])
 def test_replication_line(mod: dict[str, Any], line: str) -> None:
     assert replication_line(mod, "node1", "node2") == line

@@ -67,6 +67,11 @@ def replication_line(module: dict[str, Any], node: str, peer: str) -> str:
     dirs: list[dict[str, Any]] = rep.get("dirs", [])
     conflicts = {d.get("conflict") or "" for d in dirs}
     primary = any(d.get("role") == "primary" for d in dirs)
+    fault = next((d["local_fault"] for d in dirs if d.get("local_fault")), "")
+    if fault:  # this node's disk failed (hvha.replication.localfault)
+        then = (f"fsync fails here; {peer} takes over once in sync" if primary
+                else f"a full resync from {peer} repairs this copy")
+        return f"DISK FAILED: {fault[:90]}; {then}"
     if conflicts & set(SPLIT):
         what = "SPLIT BRAIN" if "split_brain" in conflicts else "UNRELATED COPIES"
         return f"{what}: run `hvha resolve {name} --discard {node}|{peer}` (the copy to drop)"

@@ -89,3 +89,27 @@ def persist(path: Path, text: str) -> None:
             os.close(fd)
     except OSError as exc:
         log.error("replication: could not record the local fault in %s: %s", path, exc)
+
+
+def drop_cached(root: Path) -> int:
+    """Drop the page cache of every file under `root`; the number of files. After a failed
+    writeback the kernel keeps the unwritten data in cache pages marked clean: reads return it,
+    the disk does not hold it. Dropped, reads come from the disk, so the full compare of the
+    next resync sees what this copy really holds (and rewrites what was lost)."""
+    os.sync()  # dirty pages cannot be dropped: written (or failed, then clean) first
+    count = 0
+    for dirpath, _dirs, files, dfd in os.fwalk(root):
+        for name in files:
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            except OSError:  # a symlink, a FIFO, gone: nothing cached to drop
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                count += 1
+            except OSError as exc:
+                log.warning("replication: could not drop the cache of %s/%s: %s", dirpath, name,
+                            exc)
+            finally:
+                os.close(fd)
+    return count

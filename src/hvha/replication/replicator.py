@@ -274,6 +274,10 @@ class _Dir(DirOps):
             self.primary = False
             if not self.unclean:  # a clean stop: what was not acknowledged is in the dirty map
                 self._active.unlink(missing_ok=True)
+        if self.fault:  # the next resync must compare what the disk holds, not the cache
+            n = localfault.drop_cached(self.path)
+            log.warning("replication %s: the disk failed while primary: dropped the cache of %d "
+                        "files; the next resync compares everything", self.ident, n)
         if self.guard is None:
             self.guard = read_only_guard(self.path)
 
