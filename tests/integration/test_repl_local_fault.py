@@ -11,9 +11,10 @@ Checked with two MirrorReplicators (node1 on the failing disk, primary; node2 se
 - every acknowledged record of a ledger writer is on the secondary;
 - after the failed fsync, every later fsync on the mirror fails too;
 - node1 reports the fault (data_ok False, status, a marker that survives a restart);
-- handed over, node1 drops its page cache (which still holds the lost writes, marked clean),
-  node2 becomes primary and its resync compares everything: the blocks node1 lost are
-  rewritten, the copies end byte-equal and node1's fault is cleared.
+- handed over, node1 drops its page cache (which still holds the lost writes, marked clean)
+  and refuses node2's resync until an operator says the disk is repaired (`hvha resolve MODULE
+  --discard node1`); then node2's resync compares everything: the blocks node1 lost are
+  rewritten, the copies end byte-equal on disk and node1's fault is cleared.
 """
 
 from __future__ import annotations
@@ -121,10 +122,22 @@ def test_a_failing_primary_disk_latches_hands_over_and_is_repaired(tmp_path: Pat
             run(r1.become_secondary())
             assert (lab.a / "ledger").read_bytes() != (lab.b / "ledger").read_bytes(), \
                 "node1 still reads the lost writes from its page cache"
-            subprocess.run(["mount", "-o", "remount,size=512m", str(room)], check=True)
+            # node2 takes over; node1 refuses its resync while the disk may still drop writes
+            # (a rewrite's fsync can return 0 there without the data landing)
             run(r2.become_primary())
+            until(lambda: "disk failed" in r2.status()["dirs"][0]["refused"],
+                  "node1 refuses the resync")
+            assert not r2.in_sync() and not r1.data_ok()
+            assert r1.status()["dirs"][0]["conflict"] == "disk_failed"
+            # the operator repairs the disk and says so; node2 then rewrites what differs
+            subprocess.run(["mount", "-o", "remount,size=512m", str(room)], check=True)
+            reply = r1.resolve("node1")
+            assert reply["action"] == "disk-repaired", reply
             until(lambda: r2.in_sync() and r1.in_sync(), "node1 resynced by node2", timeout=60)
             assert digest(lab.a) == digest(lab.b)
+            with open(lab.a / "ledger", "rb") as f:  # on the disk now, not only in the cache
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                assert f.read() == (lab.b / "ledger").read_bytes()
             assert r1.data_ok() and r1.status()["dirs"][0]["local_fault"] == ""
             assert not list((tmp_path / "node1" / "state").rglob("local.fault"))
         finally:

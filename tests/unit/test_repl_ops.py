@@ -83,8 +83,8 @@ def test_units() -> None:
      "DISK FAILED: local fsync of /disk.img failed: EIO (Input/output error); fsync fails here;"
      " node2 takes over once in sync"),
     (module(secondary(in_sync=False, local_fault="local fsync of /a failed: EIO (I/O error)")),
-     "DISK FAILED: local fsync of /a failed: EIO (I/O error); a full resync from node2 repairs"
-     " this copy"),
+     "DISK FAILED: local fsync of /a failed: EIO (I/O error); repair the disk, then `hvha "
+     "resolve web --discard node1` here"),
 ])
 def test_replication_line(mod: dict[str, Any], line: str) -> None:
     assert replication_line(mod, "node1", "node2") == line

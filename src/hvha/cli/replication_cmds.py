@@ -70,7 +70,7 @@ def replication_line(module: dict[str, Any], node: str, peer: str) -> str:
     fault = next((d["local_fault"] for d in dirs if d.get("local_fault")), "")
     if fault:  # this node's disk failed (hvha.replication.localfault)
         then = (f"fsync fails here; {peer} takes over once in sync" if primary
-                else f"a full resync from {peer} repairs this copy")
+                else f"repair the disk, then `hvha resolve {name} --discard {node}` here")
         return f"DISK FAILED: {fault[:90]}; {then}"
     if conflicts & set(SPLIT):
         what = "SPLIT BRAIN" if "split_brain" in conflicts else "UNRELATED COPIES"
@@ -158,7 +158,10 @@ def register(sub: Any) -> None:
                        "directory's content is moved into <dir>.hvha-discarded-<time> next to "
                        "it (kept, not deleted), then it receives the other node's data by a "
                        "full resync. Run it on the node to discard (not primary), or on the "
-                       "primary naming the peer.")
+                       "primary naming the peer. After a disk failure (`hvha status`: DISK "
+                       "FAILED), run it on the failed node naming itself once the disk is "
+                       "repaired: its copy stays, and the other node rewrites what differs by "
+                       "a full compare.")
     _socket_arg(p)
     p.add_argument("module")
     p.add_argument("--discard", required=True, metavar="NODE",

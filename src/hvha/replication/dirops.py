@@ -42,6 +42,7 @@ class DirOps:
     discard_peer: bool
     fault: str  # the local disk failed while primary (localfault); "" if not
     _fault_file: Path
+    unclean: bool  # the next resync compares everything
     _busy: str  # why sessions are refused right now ("": they are not)
     _lock: threading.RLock
     _wake: threading.Event
@@ -113,6 +114,20 @@ class DirOps:
         st.detach("full resync asked by the operator")  # reconnects, then resyncs in full
         return f"{self.path}: full resync started (progress in `hvha status`)"
 
+    def clear_fault(self) -> str:
+        """`hvha resolve M --discard ME` on a node whose disk failed while primary (localfault):
+        the operator repaired it. The copy stays; it is unclean, so the peer's next session
+        compares everything and rewrites what differs."""
+        with self._lock:
+            fault, self.fault, self.conflict, self.refused = self.fault, "", "", ""
+            self.unclean = True
+            self._fault_file.unlink(missing_ok=True)
+        log.warning("replication %s: the operator cleared the disk fault (%s): %s's next "
+                    "session rewrites this copy by a full compare", self.ident, fault,
+                    self.s.peer)
+        return (f"{self.path}: disk fault cleared; {self.s.peer} rewrites what differs by a "
+                "full compare at its next connection")
+
     def ask_peer_discard(self) -> str:
         self._primary_stream("resolve")
         if not self.conflict:
@@ -165,6 +180,9 @@ def resolve(module: str, dirs: list[DirOps], discard: str) -> dict[str, Any]:
     if action == "peer":
         return {"module": module, "action": action, "discarded": discard,
                 "messages": [d.ask_peer_discard() for d in dirs]}
+    if action == "local" and any(d.fault for d in dirs):  # the disk failed while primary
+        return {"module": module, "action": "disk-repaired", "discarded": discard,
+                "messages": [d.clear_fault() for d in dirs if d.fault]}
     if not any(d.conflict for d in dirs):
         raise OperatorError(f"no conflict over {module} seen on {s.node}: nothing to resolve "
                             "(`hvha status`); if this agent just started, wait until the "

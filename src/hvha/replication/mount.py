@@ -157,7 +157,8 @@ class _Adaptor(mfusepy.FUSE):  # type: ignore[misc]
             config.contents.hard_remove = 1
 
 
-def _unescape(field: str) -> str:
+def unescape_mountinfo(field: str) -> str:
+    """A mountinfo field with its octal escapes (\\040 for a space...) decoded."""
     return field.encode().decode("unicode_escape").encode("latin-1").decode(
         "utf-8", "surrogateescape")
 
@@ -169,7 +170,7 @@ def parse_mountinfo(text: str) -> list[tuple[str, str]]:
         left, _, right = line.partition(" - ")
         fields = left.split()
         if len(fields) >= 5 and right:
-            out.append((_unescape(fields[4]), right.split()[0]))
+            out.append((unescape_mountinfo(fields[4]), right.split()[0]))
     return out
 
 

@@ -113,6 +113,11 @@ class _Dir(DirOps):
                         "stop the module on one node")
             if self._busy:
                 return self._busy
+            if self.fault:  # a resync now could "succeed" on a disk that still drops writes
+                self.conflict = "disk_failed"
+                return (f"{self.s.node}'s disk failed while primary for {self.s.module} "
+                        f"({self.fault}): repair or replace it, then run `hvha resolve "
+                        f"{self.s.module} --discard {self.s.node}` on {self.s.node}")
             try:
                 peer = Generations.from_dict(hello.generations)
             except (KeyError, ValueError) as exc:
@@ -188,9 +193,10 @@ class _Dir(DirOps):
 
     # -- role changes (blocking: called through asyncio.to_thread)
     def _on_fault(self, text: str) -> None:
-        """The mirror's disk failed (a FUSE thread): this copy is suspect until a resync that
-        compares everything rewrites it; data_ok() turns False, so the agent hands the module
-        to an in-sync peer (agent/fsm.py)."""
+        """The mirror's disk failed (a FUSE thread). data_ok() turns False, so the agent hands
+        the module to an in-sync peer (agent/fsm.py); this copy refuses resyncs until an
+        operator says the disk is repaired (dirops.clear_fault), then one that compares
+        everything rewrites it (unclean)."""
         with self._lock:
             self.fault, self.unclean, self.last_error = text, True, text
         localfault.persist(self._fault_file, text)
@@ -198,11 +204,6 @@ class _Dir(DirOps):
     def _set_clean(self) -> None:
         """A resync made both copies equal (call holding _lock)."""
         self.unclean = False
-        if self.fault:
-            log.warning("replication %s: a full resync rewrote this copy after its disk "
-                        "failed (%s)", self.ident, self.fault)
-            self.fault = ""
-            self._fault_file.unlink(missing_ok=True)
         if not self.primary:
             self._active.unlink(missing_ok=True)
 
