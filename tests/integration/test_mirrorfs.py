@@ -429,3 +429,48 @@ def test_workers_keep_one_thread_state_each_and_release_them(tmp_path: Path) -> 
             assert before + 1 < during <= before + 1 + 4, (before, during)
         assert _thread_states() == before
     assert tree_state(str(tmp_path / "vm1")) == tree_state(str(tmp_path / "replica"))
+
+
+def test_a_loop_that_ends_after_stop_gave_up_ends_cleanly(tmp_path: Path) -> None:
+    """stop() waits a bounded time for the loop; a request stuck in the sink (a peer that
+    does not answer) keeps the loop alive past it. The loop must then end on its own later,
+    with its own handle (this used to pass NULL to fuse_unmount: a segfault of the agent)."""
+    release = threading.Event()
+
+    class StuckSink(ReplaySink):
+        def wait(self, seq: int) -> None:
+            release.wait(30)
+
+    os.makedirs(tmp_path / "vm1")
+    os.makedirs(tmp_path / "replica")
+    mount = MirrorMount(str(tmp_path / "vm1"), StuckSink(str(tmp_path / "replica")))
+    mount.start()
+    try:
+        errors: list[OSError] = []
+
+        def writer() -> None:
+            try:
+                fd = os.open(tmp_path / "vm1" / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+                try:
+                    os.write(fd, b"blocked")
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                errors.append(exc)
+
+        w = threading.Thread(target=writer)
+        w.start()
+        time.sleep(0.5)  # the create is stuck in the sink's wait
+        loop = mount._thread
+        assert loop is not None and loop.is_alive()
+        mount.stop(timeout=0.5)
+        assert loop.is_alive(), "the loop should still be serving the stuck request"
+        release.set()
+        loop.join(20)
+        w.join(20)
+        assert not loop.is_alive() and not w.is_alive()
+    finally:
+        release.set()
+        mount.stop()
+        if is_mounted(str(tmp_path / "vm1")):
+            subprocess.run(["umount", "-l", str(tmp_path / "vm1")], check=False)

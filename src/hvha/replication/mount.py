@@ -273,17 +273,18 @@ class MirrorMount:
         self._conn = os.minor(os.stat(self.path).st_dev)
 
     def _loop(self) -> None:
+        fuse = self._fuse  # the loop owns the handle: stop() may give up waiting and drop it
         cfg = _lib.fuse_loop_cfg_create()
         _lib.fuse_loop_cfg_set_max_threads(cfg, self.max_threads)
         _lib.fuse_loop_cfg_set_idle_threads(cfg, self.max_threads)  # _Adaptor._pin_thread_state
         try:
-            rc = _lib.fuse_loop_mt_312(self._fuse, cfg)
+            rc = _lib.fuse_loop_mt_312(fuse, cfg)
             if rc:
                 log.error("the mirror loop for %s ended with %d", self.path, rc)
         finally:
             _lib.fuse_loop_cfg_destroy(cfg)
-            _lib.fuse_unmount(self._fuse)  # no-op when the kernel connection is already gone
-            _lib.fuse_destroy(self._fuse)
+            _lib.fuse_unmount(fuse)  # no-op when the kernel connection is already gone
+            _lib.fuse_destroy(fuse)
             if self._adaptor is not None:  # the loop joined its workers before returning
                 self._adaptor.release_thread_states()
 
@@ -298,7 +299,7 @@ class MirrorMount:
             if err and err != errno.EINVAL:
                 log.error("unmounting %s failed: %s", self.path, os.strerror(err))
             self._thread.join(timeout)
-            if self._thread.is_alive():
+            if self._thread.is_alive():  # it destroys its handle itself when it ends
                 log.error("the mirror loop for %s did not stop within %.0f s", self.path, timeout)
             self._thread = None
         elif self._fuse is not None:
