@@ -179,7 +179,7 @@ class Applier:
     def _serve(self, sock: tls.Channel, reader: wire.FrameReader) -> None:
         expected = -1
         strict = False
-        acked = applied = self.applied_seq
+        acked = applied = 0  # this session's own numbers: a new primary counts from 1 again
         unacked_bytes, since = 0, time.monotonic()
         try:
             while True:
