@@ -23,6 +23,7 @@ import contextlib
 import os
 import struct
 import subprocess
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,5 +141,44 @@ def test_a_failing_primary_disk_latches_hands_over_and_is_repaired(tmp_path: Pat
                 assert f.read() == (lab.b / "ledger").read_bytes()
             assert r1.data_ok() and r1.status()["dirs"][0]["local_fault"] == ""
             assert not list((tmp_path / "node1" / "state").rglob("local.fault"))
+        finally:
+            lab.close()
+
+
+@needs_root
+def test_a_failing_secondary_disk_is_never_reported_in_sync(tmp_path: Path) -> None:
+    """The secondary's disk fails under the replication: node1 goes on alone (its app's
+    fsyncs succeed: durable on node1 and in its dirty map), and node2 latches the fault. Once
+    the kernel has forgotten the error, a resync into node2 would "succeed" on fsyncs that
+    returned 0: node2 must refuse it, never be counted in sync nor promotable, until an
+    operator says the disk is repaired; then its copy ends equal to node1's on disk."""
+    lab = Lab(tmp_path)
+    with failing_disk(tmp_path / "room", lab.b, room_mib=8) as room:
+        try:
+            r1, r2 = lab.start("node1"), lab.start("node2")
+            run(r1.become_primary())
+            until(r1.in_sync, "node1 in sync")
+            fd = os.open(lab.a / "ledger", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                for n in range(160):  # 10 MiB onto node2's 8 MiB of room; all must succeed
+                    payload = os.urandom(PAYLOAD)
+                    os.write(fd, RECORD.pack(n, zlib.crc32(payload)) + payload)
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            until(lambda: not r2.data_ok(), "node2 latches its disk fault")
+            assert r2.status()["dirs"][0]["local_fault"]
+            assert r1.status()["dirs"][0]["mode"] == "alone"
+            time.sleep(2)  # node1 retries every 0.2 s: ten tries, each refused
+            assert not r1.in_sync() and not r2.data_ok()
+            assert "disk failed" in r1.status()["dirs"][0]["refused"]
+
+            subprocess.run(["mount", "-o", "remount,size=512m", str(room)], check=True)
+            assert r2.resolve("node2")["action"] == "disk-repaired"
+            until(lambda: r1.in_sync() and r2.in_sync(), "node2 rewritten by node1", timeout=60)
+            with open(lab.b / "ledger", "rb") as f:  # on node2's disk, not only in its cache
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                assert f.read() == (lab.a / "ledger").read_bytes()
+            assert r2.data_ok() and digest(lab.a) == digest(lab.b)
         finally:
             lab.close()

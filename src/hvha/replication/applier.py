@@ -34,6 +34,7 @@ from typing import Any
 
 from hvha.replication import ops, tls, wire
 from hvha.replication.blocks import TreeReader
+from hvha.replication.localfault import FaultLatch
 from hvha.replication.ops import check_path
 from hvha.replication.wire import FrameType, Hello
 
@@ -50,13 +51,14 @@ class Applier:
                  ctx: ssl.SSLContext, host: str = "127.0.0.1", port: int = 0,
                  generations: Callable[[], dict[str, Any]] = dict,
                  on_hello: Callable[[Hello], str | None] | None = None,
-                 handshake_timeout: float = 10.0) -> None:
+                 handshake_timeout: float = 10.0, faults: FaultLatch | None = None) -> None:
         self.tree = TreeWriter(root)
         self.node, self.peer, self.module = node, peer, module
         self.ctx = ctx
         self.generations = generations
         self.on_hello = on_hello
         self.handshake_timeout = handshake_timeout
+        self.faults = faults or FaultLatch()  # this disk's failures (localfault)
         self._listen = socket.create_server((host, port), reuse_port=False)
         self._listen.settimeout(0.2)
         self.address: tuple[str, int] = self._listen.getsockname()[:2]
@@ -176,6 +178,14 @@ class Applier:
             return OSError(errno.EINVAL, str(exc))
         return None
 
+    def _note_fault(self, op: ops.Op | tuple[str, int, memoryview], error: OSError) -> None:
+        if isinstance(op, tuple):
+            self.faults.note("write", op[0], error)
+        elif isinstance(op, ops.Fsync):
+            self.faults.note("syncfs" if op.path is None else "fsync", op.path, error)
+        else:
+            self.faults.note(type(op).__name__.lower(), ops.paths_of(op)[0], error)
+
     def _serve(self, sock: tls.Channel, reader: wire.FrameReader) -> None:
         expected = -1
         strict = False
@@ -190,6 +200,8 @@ class Applier:
                     expected = frame.seq + 1
                     op = wire.decode_write(frame.payload) or wire.decode_op(frame.payload)
                     error = self._apply(op)
+                    if error is not None:
+                        self._note_fault(op, error)
                     if error is not None and (strict or error.errno not in _DIVERGENCE):
                         self.last_error = f"op {frame.seq} {op!r:.200}: {error}"
                         log.error("replication: %s", self.last_error)

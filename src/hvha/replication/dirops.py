@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from hvha.replication import admin, blocks
+from hvha.replication import admin, blocks, localfault
 from hvha.replication.admin import OperatorError
 from hvha.replication.dirparts import DirApplier, Settings
 from hvha.replication.exclude import Excludes
@@ -122,6 +122,9 @@ class DirOps:
             fault, self.fault, self.conflict, self.refused = self.fault, "", "", ""
             self.unclean = True
             self._fault_file.unlink(missing_ok=True)
+            self.applier.faults.reset()
+        if not self.primary:  # the compare must read what the disk holds, not the cache
+            localfault.drop_cached(self.path)
         log.warning("replication %s: the operator cleared the disk fault (%s): %s's next "
                     "session rewrites this copy by a full compare", self.ident, fault,
                     self.s.peer)

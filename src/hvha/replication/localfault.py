@@ -7,7 +7,9 @@ a primary whose disk fails should hand the module to an in-sync peer, whose copy
 acknowledged write. So the first local I/O failure of a mirror (any failed fsync, or EIO from
 a read or write) latches: every later fsync of that mount fails with the same errno, and the
 replicated directory reports the fault (its data is then not OK: the agent hands over, see
-agent/fsm.py, and the next resync into this copy compares everything).
+agent/fsm.py, and the next resync into this copy compares everything). The secondary's applier
+latches its own disk's failures the same way: a resync into a disk that drops writes could
+otherwise end "in sync" on fsyncs that returned 0.
 
 Failures that say nothing about the device stay ordinary errors for the caller: ENOSPC or
 EDQUOT from a write (a full file system), EBADF, EINVAL, and so on. Pure bookkeeping; the
@@ -26,7 +28,7 @@ from pathlib import Path
 log = logging.getLogger("hvha.replication")
 
 #: local operations whose every failure means data may be lost (writeback errors surface here)
-_FLUSHES = frozenset({"fsync", "fdatasync", "fsyncdir"})
+_FLUSHES = frozenset({"fsync", "fdatasync", "fsyncdir", "syncfs"})
 
 
 def is_device_fault(what: str, err: int) -> bool:
@@ -60,6 +62,11 @@ class FaultLatch:
                   "handed to an in-sync peer", self.text)
         if self._on_fault is not None:
             self._on_fault(self.text)
+
+    def reset(self) -> None:
+        """The operator repaired the disk (dirops.clear_fault): latch the next fault again."""
+        with self._lock:
+            self.errno, self.text = 0, ""
 
     def check(self) -> None:
         """Raise the latched error: a flush after a fault never reports success."""

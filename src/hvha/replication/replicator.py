@@ -88,7 +88,8 @@ class _Dir(DirOps):
         self.applier = DirApplier(path, self._on_synced, node=s.node, peer=s.peer,
                                 module=self.ident, ctx=tls.server_context(s.creds),
                                 host=s.my_address, port=port,
-                                generations=self._gens_dict, on_hello=self._on_hello)
+                                generations=self._gens_dict, on_hello=self._on_hello,
+                                faults=FaultLatch(self._on_fault))
         self.applier.start()
         self.guard: ReadOnlyGuard | None = read_only_guard(path)
 
@@ -115,9 +116,9 @@ class _Dir(DirOps):
                 return self._busy
             if self.fault:  # a resync now could "succeed" on a disk that still drops writes
                 self.conflict = "disk_failed"
-                return (f"{self.s.node}'s disk failed while primary for {self.s.module} "
-                        f"({self.fault}): repair or replace it, then run `hvha resolve "
-                        f"{self.s.module} --discard {self.s.node}` on {self.s.node}")
+                return (f"{self.s.node}'s disk failed under {self.s.module} ({self.fault}): "
+                        f"repair or replace it, then run `hvha resolve {self.s.module} "
+                        f"--discard {self.s.node}` on {self.s.node}")
             try:
                 peer = Generations.from_dict(hello.generations)
             except (KeyError, ValueError) as exc:
@@ -193,10 +194,10 @@ class _Dir(DirOps):
 
     # -- role changes (blocking: called through asyncio.to_thread)
     def _on_fault(self, text: str) -> None:
-        """The mirror's disk failed (a FUSE thread). data_ok() turns False, so the agent hands
-        the module to an in-sync peer (agent/fsm.py); this copy refuses resyncs until an
-        operator says the disk is repaired (dirops.clear_fault), then one that compares
-        everything rewrites it (unclean)."""
+        """This copy's disk failed (a FUSE thread when primary, the applier's when secondary).
+        data_ok() turns False: a primary hands the module to an in-sync peer (agent/fsm.py), a
+        secondary is never promoted. The copy refuses resyncs until an operator says the disk
+        is repaired (dirops.clear_fault); then one that compares everything rewrites it."""
         with self._lock:
             self.fault, self.unclean, self.last_error = text, True, text
         localfault.persist(self._fault_file, text)
