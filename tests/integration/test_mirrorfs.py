@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -64,6 +64,15 @@ def env(tmp_path: Path) -> Iterator[Env]:
     e = Env(tmp_path)
     with serving(e.mount):
         yield e
+
+
+def run_threads(target: Callable[[int], None], n: int) -> None:
+    """target(0) .. target(n - 1), each in its own thread, all at once; return when all end."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 def backing(e: Env) -> str:
@@ -266,11 +275,7 @@ def test_concurrent_writers(env: Env) -> None:
                     os.fsync(fd)
         finally:
             os.close(fd)
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(writer, 4)
     assert sum(isinstance(o, Write) for o in env.sink.ops) == 400
     assert env.sink.errors == [] and tree_state(backing(env)) == tree_state(env.replica)
 
@@ -419,11 +424,7 @@ def test_workers_keep_one_thread_state_each_and_release_them(tmp_path: Path) -> 
                         os.pwrite(fd, b"x" * 512, k * 512)
                 finally:
                     os.close(fd)
-            threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            run_threads(writer, 8)
             during = _thread_states()
             # the serving thread, the 4 workers, and nothing per request or per writer
             assert before + 1 < during <= before + 1 + 4, (before, during)

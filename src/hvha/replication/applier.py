@@ -67,7 +67,6 @@ class Applier:
         self._lock = threading.Lock()
         self._active: tls.Channel | None = None
         self._threads: list[threading.Thread] = []
-        self.applied_seq = 0
         self.last_error: str = ""
         self.sessions = 0
         self.skipped = 0
@@ -214,7 +213,7 @@ class Applier:
                                  error)
                         nack = wire.encode_nack(error.errno or 0, str(error))
                         sock.sendall(wire.encode_frame(FrameType.SKIPPED, frame.seq, nack))
-                    applied = self.applied_seq = frame.seq
+                    applied = frame.seq
                     unacked_bytes += len(frame.payload)
                 elif frame.type == FrameType.QUERY:
                     if frame.payload.startswith(b'{"on":'):  # {"on":bool,"q":"strict"}

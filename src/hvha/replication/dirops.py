@@ -40,7 +40,7 @@ class DirOps:
     conflict: str
     full_requested: bool
     discard_peer: bool
-    fault: str  # the local disk failed while primary (localfault); "" if not
+    fault: str  # this copy's disk failed, as primary or secondary (localfault); "" if not
     _fault_file: Path
     unclean: bool  # the next resync compares everything
     _busy: str  # why sessions are refused right now ("": they are not)
@@ -114,15 +114,21 @@ class DirOps:
         st.detach("full resync asked by the operator")  # reconnects, then resyncs in full
         return f"{self.path}: full resync started (progress in `hvha status`)"
 
+    def _forget_fault(self) -> str:
+        """Drop the recorded disk fault (memory, marker, the applier's latch); the old text.
+        Call holding _lock."""
+        fault, self.fault = self.fault, ""
+        self._fault_file.unlink(missing_ok=True)
+        self.applier.faults.reset()
+        return fault
+
     def clear_fault(self) -> str:
-        """`hvha resolve M --discard ME` on a node whose disk failed while primary (localfault):
-        the operator repaired it. The copy stays; it is unclean, so the peer's next session
-        compares everything and rewrites what differs."""
+        """`hvha resolve M --discard ME` on a node whose disk failed (localfault): the operator
+        repaired it. The copy stays; it is unclean, so the peer's next session compares
+        everything and rewrites what differs."""
         with self._lock:
-            fault, self.fault, self.conflict, self.refused = self.fault, "", "", ""
-            self.unclean = True
-            self._fault_file.unlink(missing_ok=True)
-            self.applier.faults.reset()
+            fault = self._forget_fault()
+            self.conflict, self.refused, self.unclean = "", "", True
         if not self.primary:  # the compare must read what the disk holds, not the cache
             localfault.drop_cached(self.path)
         log.warning("replication %s: the operator cleared the disk fault (%s): %s's next "
@@ -144,10 +150,7 @@ class DirOps:
         """`hvha prim --force`: declare this copy good. True if it was half-synced or on a
         disk that failed (localfault)."""
         with self._lock:
-            fault, half = self.fault, self.gens.inconsistent
-            if fault:
-                self.fault = ""
-                self._fault_file.unlink(missing_ok=True)
+            fault, half = self._forget_fault(), self.gens.inconsistent
             if half:
                 self.gens = admin.forced(self.gens)
                 self._save()
@@ -183,7 +186,7 @@ def resolve(module: str, dirs: list[DirOps], discard: str) -> dict[str, Any]:
     if action == "peer":
         return {"module": module, "action": action, "discarded": discard,
                 "messages": [d.ask_peer_discard() for d in dirs]}
-    if action == "local" and any(d.fault for d in dirs):  # the disk failed while primary
+    if action == "local" and any(d.fault for d in dirs):  # this node's disk failed
         return {"module": module, "action": "disk-repaired", "discarded": discard,
                 "messages": [d.clear_fault() for d in dirs if d.fault]}
     if not any(d.conflict for d in dirs):

@@ -39,7 +39,8 @@ def is_device_fault(what: str, err: int) -> bool:
 
 
 class FaultLatch:
-    """The first device fault of a mirror mount; `on_fault(text)` is told once (any thread)."""
+    """The first device fault of a mirror mount or an applier; `on_fault(text)` is told once
+    (any thread) until `reset`."""
 
     def __init__(self, on_fault: Callable[[str], None] | None = None) -> None:
         self._on_fault = on_fault
@@ -58,8 +59,9 @@ class FaultLatch:
             self.errno = err
             self.text = (f"local {what} of {path or '?'} failed: {errno.errorcode.get(err, err)}"
                          f" ({exc.strerror or exc})")
-        log.error("replication: %s; every later fsync on this mirror fails, and the module is "
-                  "handed to an in-sync peer", self.text)
+        log.error("replication: %s; this copy is suspect until an operator says the disk is "
+                  "repaired (a primary's later fsyncs fail, it hands over to an in-sync peer)",
+                  self.text)
         if self._on_fault is not None:
             self._on_fault(self.text)
 
