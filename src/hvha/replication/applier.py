@@ -34,6 +34,7 @@ from typing import Any
 
 from hvha.replication import ops, tls, wire
 from hvha.replication.blocks import TreeReader
+from hvha.replication.directio import DirectWriter
 from hvha.replication.localfault import FaultLatch
 from hvha.replication.ops import check_path
 from hvha.replication.wire import FrameType, Hello
@@ -295,9 +296,14 @@ class TreeWriter(TreeReader):
     """Applies ops below the directory descriptor; remembers the directories whose entries
     changed since the last barrier so an Fsync also makes those names durable."""
 
-    def __init__(self, root: str | Path | int) -> None:
+    def __init__(self, root: str | Path | int, direct_writes: bool = True) -> None:
         super().__init__(root, writable=True)
         self._dirty_dirs: set[str] = set()
+        self.direct = DirectWriter(direct_writes)  # large aligned writes skip the page cache
+
+    def _close_file(self, fd: int) -> None:
+        self.direct.forget(fd)
+        os.close(fd)
 
     def _touch(self, path: str) -> None:
         self._dirty_dirs.add(path.rpartition("/")[0])
@@ -318,7 +324,7 @@ class TreeWriter(TreeReader):
         """A Write, from any buffer (the applier passes a view of the received frame)."""
         fd, view = self.file_fd(check_path(path)), memoryview(data)
         while view:
-            n = os.pwrite(fd, view, offset)
+            n = self.direct.pwrite(fd, view, offset)
             view, offset = view[n:], offset + n
 
     def apply(self, op: ops.Op) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import mfusepy  # type: ignore[import-untyped]
 
 from hvha.replication import ops as o
+from hvha.replication.directio import DirectWriter
 from hvha.replication.localfault import FaultLatch
 from hvha.replication.ops import Op
 
@@ -46,6 +47,7 @@ class DataPath:
 
     sink: ReplicationSink
     faults: FaultLatch
+    direct: DirectWriter
     _early: tuple[Callable[[], None], Callable[[Op, int, str], None]] | None
     _sync_fhs: set[int]
     sync_on_close: bool
@@ -80,7 +82,7 @@ class DataPath:
 
     def _pwrite(self, path: str | None, fh: int, data: bytes, offset: int) -> int:
         try:
-            return os.pwrite(fh, data, offset)
+            return self.direct.pwrite(fh, data, offset)
         except OSError as e:
             self.faults.note("write", path, e)
             raise

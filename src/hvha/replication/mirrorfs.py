@@ -10,8 +10,9 @@ Binding: mfusepy / libfuse3 high level (benchmarks/fuse_bindings.py says why); m
 
 O_DIRECT opens are served with FOPEN_DIRECT_IO (no kernel page cache for that open) while the
 backing file is opened without O_DIRECT (the binding's buffers are unaligned); durability comes
-from fsync, which qemu cache=none issues for every guest flush. Entries matching the
-directory's `exclude` patterns are served locally and never streamed
+from fsync, which qemu cache=none issues for every guest flush. Large aligned writes, from any
+handle, reach the backing file through an O_DIRECT twin of its descriptor (directio.py).
+Entries matching the directory's `exclude` patterns are served locally and never streamed
 (hvha.replication.exclude); FIFOs and sockets may only be created there, devices nowhere.
 """
 
@@ -29,6 +30,7 @@ import mfusepy  # type: ignore[import-untyped]
 
 from hvha.replication import exclude
 from hvha.replication import ops as o
+from hvha.replication.directio import DirectWriter
 from hvha.replication.exclude import Excludes
 from hvha.replication.localfault import FaultLatch
 from hvha.replication.mirrordata import DataPath, ReplicationSink, _fail
@@ -82,7 +84,7 @@ class MirrorFS(DataPath, mfusepy.Operations):  # type: ignore[misc]
 
     def __init__(self, root_fd: int, sink: ReplicationSink, *,
                  sync_on_close: bool = False, excludes: Excludes | None = None,
-                 faults: FaultLatch | None = None) -> None:
+                 faults: FaultLatch | None = None, direct_writes: bool = True) -> None:
         self.root = root_fd
         self.sink = sink
         self.faults = faults or FaultLatch()
@@ -98,6 +100,7 @@ class MirrorFS(DataPath, mfusepy.Operations):  # type: ignore[misc]
         self.sync_on_close = sync_on_close
         self._proc = f"/proc/self/fd/{root_fd}"
         self._sync_fhs: set[int] = set()
+        self.direct = DirectWriter(direct_writes)
         self._euid, self._egid = os.geteuid(), os.getegid()
 
     def _enqueue(self, op: Op, *, decided: bool = False) -> int:
@@ -257,6 +260,7 @@ class MirrorFS(DataPath, mfusepy.Operations):  # type: ignore[misc]
 
     def release(self, path: str | None, fi: Any) -> int:
         self._sync_fhs.discard(fi.fh)
+        self.direct.forget(fi.fh)
         os.close(fi.fh)
         return 0
 

@@ -213,17 +213,20 @@ class MirrorMount:
 
     def __init__(self, path: str, sink: ReplicationSink, *, max_threads: int = 16,
                  sync_on_close: bool = False, mount_timeout: float = 10.0,
-                 excludes: Excludes | None = None, faults: FaultLatch | None = None) -> None:
+                 excludes: Excludes | None = None, faults: FaultLatch | None = None,
+                 direct_writes: bool = True) -> None:
         self.path = os.path.realpath(path)
         self.excludes = excludes
         self.faults = faults  # the directory's latch: it outlives the mount (see localfault)
         self.sink = sink
         self.max_threads = max_threads
         self.sync_on_close = sync_on_close
+        self.direct_writes = direct_writes
         self.mount_timeout = mount_timeout
         self.root_fd: int | None = None
         self._fuse: int | None = None
         self._adaptor: _Adaptor | None = None
+        self._fs: MirrorFS | None = None
         self._thread: threading.Thread | None = None
         self._conn: int | None = None
 
@@ -239,8 +242,10 @@ class MirrorMount:
         self.root_fd = os.open(self.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fs = MirrorFS(self.root_fd, self.sink, sync_on_close=self.sync_on_close,
-                          excludes=self.excludes, faults=self.faults)
+                          excludes=self.excludes, faults=self.faults,
+                          direct_writes=self.direct_writes)
             self._adaptor = _Adaptor(fs)
+            self._fs = fs
             opts = ("allow_other,default_permissions,subtype=hvha,"
                     f"fsname=hvha:{self.path.replace(',', '_')}")
             argv = [b"hvha-mirror", b"-o", os.fsencode(opts)]
@@ -287,6 +292,8 @@ class MirrorMount:
             _lib.fuse_destroy(fuse)
             if self._adaptor is not None:  # the loop joined its workers before returning
                 self._adaptor.release_thread_states()
+            if self._fs is not None:  # handles the kernel never released
+                self._fs.direct.close()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Unmount (lazily if busy), end the loop and release the directory descriptor."""

@@ -38,10 +38,12 @@ class TreeReader:
         self._files: OrderedDict[str, int] = OrderedDict()
 
     def close(self) -> None:
-        for cache in (self._dirs, self._files):
-            for fd in cache.values():
-                os.close(fd)
-            cache.clear()
+        for fd in self._dirs.values():
+            os.close(fd)
+        for fd in self._files.values():
+            self._close_file(fd)
+        self._dirs.clear()
+        self._files.clear()
         if self.root_fd >= 0:
             os.close(self.root_fd)
             self.root_fd = -1
@@ -83,8 +85,11 @@ class TreeReader:
         fd = os.open(name, (os.O_RDWR if self.writable else os.O_RDONLY) | _O_FLAGS, dir_fd=pfd)
         self._files[path] = fd
         if len(self._files) > self.MAX_FILES:
-            os.close(self._files.popitem(last=False)[1])
+            self._close_file(self._files.popitem(last=False)[1])
         return fd
+
+    def _close_file(self, fd: int) -> None:
+        os.close(fd)
 
     def current_fd(self, path: str) -> int:
         """file_fd(path), checked to still be the file that path names now (it may have been
@@ -102,9 +107,9 @@ class TreeReader:
     def forget(self, path: str) -> None:
         """Drop cached descriptors of path and everything below it (after rename/unlink)."""
         prefix = path + "/"
-        for cache in (self._files, self._dirs):
+        for cache, close in ((self._files, self._close_file), (self._dirs, os.close)):
             for p in [p for p in cache if p == path or p.startswith(prefix) or path == ""]:
-                os.close(cache.pop(p))
+                close(cache.pop(p))
 
     def _entry(self, dfd: int, name: str) -> Entry:
         s = os.stat(name, dir_fd=dfd, follow_symlinks=False)
