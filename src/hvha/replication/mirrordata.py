@@ -48,11 +48,12 @@ class DataPath:
     sink: ReplicationSink
     faults: FaultLatch
     direct: DirectWriter
-    _early: tuple[Callable[[], None], Callable[[Op, int, str], None]] | None
+    _early: tuple[Callable[[Op], int], Callable[[Op, int, str], None]] | None
     _sync_fhs: set[int]
     sync_on_close: bool
 
-    def _enqueue(self, op: Op, *, decided: bool = False) -> int:
+    def _enqueue(self, op: Op, *, decided: bool = False,
+                 push: Callable[[Op], int] | None = None) -> int:
         raise NotImplementedError
 
     def _wait(self, seq: int) -> None:
@@ -96,24 +97,20 @@ class DataPath:
         return n
 
     def _write_early(self, path: str | None, data: bytes, offset: int, fh: int,
-                     flush: Callable[[], None], diverged: Callable[[Op, int, str], None]
+                     send: Callable[[Op], int], diverged: Callable[[Op, int, str], None]
                      ) -> int:
-        """A large write leaves for the peer before it is written here, so the secondary
-        receives and applies it while this side copies it into its own page cache: the two
-        copies overlap instead of adding up (measured in docs/benchmarks.md). Still under
-        the order lock, so local order == stream order. If the local write then fails or is
+        """A large write is handed to the stream's sender thread (`send` queues it and wakes
+        that thread), which encrypts and sends it while this thread writes it here, straight
+        to the disk (directio): the send, the peer's write and the local write overlap
+        instead of adding up (measured in docs/benchmarks.md). Still under the order lock,
+        so local order == stream order. If the local write then fails or is
         short, the peer may hold data this copy lacks: the sink records the op dirty and
         reconnects, and the resync puts the peer back to this copy; the app gets the local
         result, as it would without replication."""
         with self.sink.ordered():
             name = self._name(path, fh)
             op = o.Write(name, offset, data) if name is not None else None
-            seq = self._enqueue(op) if op is not None else 0
-            if seq:
-                try:
-                    flush()
-                except Exception:  # the wait below reports a lost peer as usual
-                    log.debug("replication: sending a write early failed", exc_info=True)
+            seq = self._enqueue(op, push=send) if op is not None else 0
             try:
                 n = self._pwrite(path, fh, data, offset)
             except OSError as e:

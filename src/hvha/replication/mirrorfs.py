@@ -93,22 +93,23 @@ class MirrorFS(DataPath, mfusepy.Operations):  # type: ignore[misc]
         # skip waking its sender thread for such ops says so with this method
         self._push: Callable[[Op], int] = getattr(sink, "enqueue_flushed_by_caller",
                                                   sink.enqueue)
-        # a sink that can send now and repair a write that fails locally after it was sent
-        # gets large writes before they are written here (_write_early)
-        flush, diverged = getattr(sink, "flush", None), getattr(sink, "diverged", None)
-        self._early = (flush, diverged) if flush is not None and diverged is not None else None
+        # a sink with a sender thread that can repair a write that fails locally after it was
+        # sent gets large writes while they are written here (_write_early)
+        diverged = getattr(sink, "diverged", None)
+        self._early = (sink.enqueue, diverged) if diverged is not None else None
         self.sync_on_close = sync_on_close
         self._proc = f"/proc/self/fd/{root_fd}"
         self._sync_fhs: set[int] = set()
         self.direct = DirectWriter(direct_writes)
         self._euid, self._egid = os.geteuid(), os.getegid()
 
-    def _enqueue(self, op: Op, *, decided: bool = False) -> int:
+    def _enqueue(self, op: Op, *, decided: bool = False,
+                 push: Callable[[Op], int] | None = None) -> int:
         """Stream op (0, nothing to wait for, when it touches only excluded entries)."""
         if self.excludes and not decided and self._excluded(op):
             return 0
         try:
-            return self._push(op)
+            return (push or self._push)(op)
         except Exception as e:
             log.error("replication sink refused %s: %s; answering EIO", type(op).__name__, e)
             raise _fail(errno.EIO) from e
