@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import stat
 import threading
 
 ALIGN = 4096
@@ -102,9 +103,12 @@ class DirectWriter:
         twin = self._twins.get(fd)
         if twin is not None:
             return twin
-        try:
-            twin = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-        except OSError:  # EINVAL: no O_DIRECT here; EACCES and the like: stay buffered
+        try:  # regular files only (reopening a FIFO for writing could block)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
+            twin = os.open(f"/proc/self/fd/{fd}",
+                           os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:  # EINVAL: no O_DIRECT here; EPERM (append-only) and the like
             twin = -1
         with self._lock:
             old = self._twins.setdefault(fd, twin)

@@ -2,10 +2,11 @@
 
 Why a module of its own: this is where the replication contract lives. A write returns once
 the secondary has it; fsync sends a barrier, fsyncs locally while the secondary works and
-returns once both disks have the data. Large writes leave for the peer before they are written
-here (`_write_early`). And the local disk's own failures are judged here (localfault): the
-first failed fsync, or EIO, latches, and every later fsync of the mount fails, never a late
-success. The namespace handlers (create, rename, ...) stay in mirrorfs.py.
+returns once both disks have the data. Large writes go to the stream's sender thread while
+this thread writes them here, straight to the disk (`_write_early`, directio). And the local
+disk's own failures are judged here (localfault): the first failed fsync, or EIO, latches,
+and every later fsync of the mount fails, never a late success. The namespace handlers
+(create, rename, ...) stay in mirrorfs.py.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from hvha.replication.ops import Op
 
 log = logging.getLogger("hvha.replication.mirrorfs")
 
-#: Writes at least this large are sent to the peer before they are written here (_write_early)
+#: Writes at least this large are sent by the sender thread while written here (_write_early)
 EARLY_SEND = 128 * 1024
 
 
