@@ -180,7 +180,7 @@ def test_primary_secondary_alone_resync_and_swap(lab: Lab) -> None:
     assert digest(lab.a) == digest(lab.b)
 
 
-RECORD = struct.Struct(">QI")  # number, crc32 of the payload; then 4 KiB payload
+RECORD = struct.Struct(">QI")  # number, crc32 of the payload; then the payload
 TRIALS = int(os.environ.get("HVHA_LEDGER_TRIALS", "20"))  # soak: HVHA_LEDGER_TRIALS=500
 
 PRIMARY = """
@@ -204,9 +204,10 @@ time.sleep(3600)
 WRITER = """
 import os, struct, sys, zlib
 fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+size = int(sys.argv[2])
 n = 0
 while True:
-    payload = n.to_bytes(8, "big") * 512
+    payload = (n.to_bytes(8, "big") * (size // 8 + 1))[:size]
     os.write(fd, struct.pack(">QI", n, zlib.crc32(payload)) + payload)
     os.fsync(fd)
     print(n, flush=True)  # acknowledged: fsync returned
@@ -215,23 +216,30 @@ while True:
 
 
 @needs_root
-def test_acknowledged_records_survive_kill_9_of_the_primary(lab: Lab) -> None:
+@pytest.mark.parametrize(("payload", "trials"), [
+    (4096, TRIALS),
+    # 256 KiB records: each one is a large aligned write, so it takes the direct path on both
+    # nodes (directio) and is sent by the sender thread while written locally
+    (256 * 1024 - RECORD.size, max(TRIALS // 2, 1)),
+], ids=["4k-records", "256k-direct-records"])
+def test_acknowledged_records_survive_kill_9_of_the_primary(lab: Lab, payload: int,
+                                                            trials: int) -> None:
     """The ack-ledger oracle: the primary's process (mirror + stream) is killed with SIGKILL at
     a seeded random moment while an application appends fsynced records; every record whose
-    fsync returned is intact in the secondary's copy. Repeated TRIALS times."""
+    fsync returned is intact in the secondary's copy. Repeated `trials` times."""
     import random
     import sys
 
     lab.start("node2")
     rng = random.Random(4242)
-    for trial in range(TRIALS):
+    for trial in range(trials):
         primary = subprocess.Popen([sys.executable, "-c", PRIMARY, str(lab.tmp), str(lab.port)],
                                    stdout=subprocess.PIPE, text=True)
         writer = None
         try:
             assert primary.stdout is not None and primary.stdout.readline() == "ready\n"
             ledger = lab.a / f"ledger-{trial}"
-            writer = subprocess.Popen([sys.executable, "-c", WRITER, str(ledger)],
+            writer = subprocess.Popen([sys.executable, "-c", WRITER, str(ledger), str(payload)],
                                       stdout=subprocess.PIPE, text=True)
             assert writer.stdout is not None
             first = writer.stdout.readline()
@@ -250,7 +258,7 @@ def test_acknowledged_records_survive_kill_9_of_the_primary(lab: Lab) -> None:
                     proc.stdout.close()
             subprocess.run(["umount", "-l", str(lab.a)], check=False, capture_output=True)
         data = (lab.b / f"ledger-{trial}").read_bytes()
-        size = RECORD.size + 4096
+        size = RECORD.size + payload
         got = set()
         for off in range(0, len(data) - size + 1, size):
             n, crc = RECORD.unpack_from(data, off)
