@@ -226,7 +226,6 @@ class MirrorMount:
         self.root_fd: int | None = None
         self._fuse: int | None = None
         self._adaptor: _Adaptor | None = None
-        self._fs: MirrorFS | None = None
         self._thread: threading.Thread | None = None
         self._conn: int | None = None
 
@@ -245,7 +244,6 @@ class MirrorMount:
                           excludes=self.excludes, faults=self.faults,
                           direct_writes=self.direct_writes)
             self._adaptor = _Adaptor(fs)
-            self._fs = fs
             opts = ("allow_other,default_permissions,subtype=hvha,"
                     f"fsname=hvha:{self.path.replace(',', '_')}")
             argv = [b"hvha-mirror", b"-o", os.fsencode(opts)]
@@ -292,8 +290,7 @@ class MirrorMount:
             _lib.fuse_destroy(fuse)
             if self._adaptor is not None:  # the loop joined its workers before returning
                 self._adaptor.release_thread_states()
-            if self._fs is not None:  # handles the kernel never released
-                self._fs.direct.close()
+                self._adaptor.operations.direct.close()  # handles the kernel never released
 
     def stop(self, timeout: float = 10.0) -> None:
         """Unmount (lazily if busy), end the loop and release the directory descriptor."""
