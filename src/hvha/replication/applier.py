@@ -296,10 +296,10 @@ class TreeWriter(TreeReader):
     """Applies ops below the directory descriptor; remembers the directories whose entries
     changed since the last barrier so an Fsync also makes those names durable."""
 
-    def __init__(self, root: str | Path | int, direct_writes: bool = True) -> None:
+    def __init__(self, root: str | Path | int) -> None:
         super().__init__(root, writable=True)
         self._dirty_dirs: set[str] = set()
-        self.direct = DirectWriter(direct_writes)  # large aligned writes skip the page cache
+        self.direct = DirectWriter()  # large aligned writes skip the page cache
 
     def _close_file(self, fd: int) -> None:
         self.direct.forget(fd)

@@ -84,7 +84,7 @@ class MirrorFS(DataPath, mfusepy.Operations):  # type: ignore[misc]
 
     def __init__(self, root_fd: int, sink: ReplicationSink, *,
                  sync_on_close: bool = False, excludes: Excludes | None = None,
-                 faults: FaultLatch | None = None, direct_writes: bool = True) -> None:
+                 faults: FaultLatch | None = None) -> None:
         self.root = root_fd
         self.sink = sink
         self.faults = faults or FaultLatch()
@@ -100,7 +100,7 @@ class MirrorFS(DataPath, mfusepy.Operations):  # type: ignore[misc]
         self.sync_on_close = sync_on_close
         self._proc = f"/proc/self/fd/{root_fd}"
         self._sync_fhs: set[int] = set()
-        self.direct = DirectWriter(direct_writes)
+        self.direct = DirectWriter()
         self._euid, self._egid = os.geteuid(), os.getegid()
 
     def _enqueue(self, op: Op, *, decided: bool = False,

@@ -213,15 +213,13 @@ class MirrorMount:
 
     def __init__(self, path: str, sink: ReplicationSink, *, max_threads: int = 16,
                  sync_on_close: bool = False, mount_timeout: float = 10.0,
-                 excludes: Excludes | None = None, faults: FaultLatch | None = None,
-                 direct_writes: bool = True) -> None:
+                 excludes: Excludes | None = None, faults: FaultLatch | None = None) -> None:
         self.path = os.path.realpath(path)
         self.excludes = excludes
         self.faults = faults  # the directory's latch: it outlives the mount (see localfault)
         self.sink = sink
         self.max_threads = max_threads
         self.sync_on_close = sync_on_close
-        self.direct_writes = direct_writes
         self.mount_timeout = mount_timeout
         self.root_fd: int | None = None
         self._fuse: int | None = None
@@ -241,8 +239,7 @@ class MirrorMount:
         self.root_fd = os.open(self.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fs = MirrorFS(self.root_fd, self.sink, sync_on_close=self.sync_on_close,
-                          excludes=self.excludes, faults=self.faults,
-                          direct_writes=self.direct_writes)
+                          excludes=self.excludes, faults=self.faults)
             self._adaptor = _Adaptor(fs)
             opts = ("allow_other,default_permissions,subtype=hvha,"
                     f"fsname=hvha:{self.path.replace(',', '_')}")
