@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import random
 import shutil
@@ -220,11 +221,14 @@ def test_a_copy_left_behind_is_refused_the_primary_role(lab: Lab) -> None:
     assert lab.node_path(b, f"{DATA}/left-behind").read_text() == f"only-on-{a}\n"
 
 
-def _nft_drop(lab: Lab, node: str, table: str, incoming: str, outgoing: str) -> None:
-    """An nftables table in `node`'s namespace dropping what the two matches select."""
-    rules = (f"table inet {table} {{\n"
-             f" chain in {{ type filter hook input priority 0; {incoming} drop; }}\n"
-             f" chain out {{ type filter hook output priority 0; {outgoing} drop; }}\n}}\n")
+def _nft_drop(lab: Lab, node: str, table: str, incoming: str | None,
+              outgoing: str | None) -> None:
+    """An nftables table in `node`'s namespace dropping what the two matches select (None:
+    nothing dropped that way)."""
+    chains = "".join(f" chain {name} {{ type filter hook {hook} priority 0; {match} drop; }}\n"
+                     for name, hook, match in (("in", "input", incoming),
+                                               ("out", "output", outgoing)) if match)
+    rules = f"table inet {table} {{\n{chains}}}\n"
     subprocess.run(["ip", "netns", "exec", lab.ns_name(node), "nft", "-f", "-"], input=rules,
                    text=True, check=True)
 
@@ -332,6 +336,53 @@ def test_a_partition_between_the_nodes_loses_nothing(lab: Lab) -> None:
         ledger.stop()
     acked = ledger.acked()
     _converged(lab, f"{DATA}/partition", acked)
+
+
+def _cut_one_way(lab: Lab, node: str, peer: str) -> None:
+    """Nothing from `node` reaches `peer`, on either network; `peer` still reaches `node`
+    (a one-way partition: a half-dead cable, an asymmetric firewall rule)."""
+    addrs = "{ " + ", ".join(str(lab.address(peer, net)) for net in ("lan", "repl")) + " }"
+    _nft_drop(lab, node, "hvha_cut", None, f"ip daddr {addrs}")
+
+
+@needs_nft
+@pytest.mark.parametrize("blind", ["node1", "node2"])
+def test_a_one_way_partition_converges_to_one_primary(lab: Lab, blind: str) -> None:
+    """Fault-matrix row 11: packets from one node no longer reach the other, while the other
+    direction and the witness still work (`blind` is the node that hears nothing). Never two
+    primaries; the primary's writes resume within a few seconds; after healing the pair is in
+    sync again, every acknowledged record on both copies, the copies byte-equal."""
+    cluster = cluster_file(lab, replicated=DATA, name="replicated.yaml")
+    out = hvha("apply", str(cluster), "--auto-approve")
+    assert out.returncode == 0, out.stdout + out.stderr
+    _until(lambda: _in_sync(lab) and roles(lab) == {"node1": "PRIM", "node2": "SECOND"},
+           "node1 PRIM, node2 SECOND, in sync")
+    sender = "node2" if blind == "node1" else "node1"
+    ledger = _Ledger(lab, "node1", f"{DATA}/one-way-{blind}")
+    try:
+        _until(lambda: bool(ledger.acks), "the writer's first record")
+        _cut_one_way(lab, sender, blind)
+        cut_at = time.monotonic()
+        while time.monotonic() < cut_at + 15:
+            r = roles(lab)
+            assert not (r["node1"] in ("PRIM", "ALONE") and r["node2"] in ("PRIM", "ALONE")), r
+        # the node still heard by its peer says the peer does not hear it
+        shown = hvha("status", "--socket",
+                     str(lab.node_path(sender, "/var/lib/hvha/control.sock")))
+        assert f"{blind} (alive, but it does NOT HEAR this node)" in shown.stdout, shown.stdout
+        healed_at = time.monotonic()
+        times = [cut_at, *(t for t, _ in ledger.acks if cut_at < t < healed_at), healed_at]
+        stall = max(b - a for a, b in itertools.pairwise(times))
+        print(f"one-way partition, {blind} blind: longest pause of the writer {stall:.1f} s")
+        # heartbeat timeout 1.5 s: the primary gives up the peer's acks once the heartbeats
+        # say the link is dead either way (Reciprocity), not after the stream's 10 s timeout
+        assert stall < 7, f"the writer paused {stall:.1f} s during the partition"
+        _heal(lab, sender)
+        _until(lambda: _in_sync(lab), "in sync again after healing", timeout=120)
+    finally:
+        _heal(lab, sender)
+        ledger.stop()
+    _converged(lab, f"{DATA}/one-way-{blind}", ledger.acked())
 
 
 FAULT_ROUNDS = int(os.environ.get("HVHA_E2E_FAULT_ROUNDS", "2"))  # soak: 50

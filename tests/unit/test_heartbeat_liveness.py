@@ -12,7 +12,7 @@ from hvha.agent.heartbeat import (
     HeartbeatNetwork,
     HeartbeatService,
 )
-from hvha.agent.liveness import LinkState, Liveness
+from hvha.agent.liveness import LinkState, Liveness, Reciprocity
 
 
 class FakeClock:
@@ -207,3 +207,62 @@ def test_failing_payload_callback_keeps_last_good_payload() -> None:
     service = HeartbeatService(config(), incarnation=1, payload=payload, clock=FakeClock())
     assert [service._current_payload() for _ in range(3)] == [b"v1", b"v1", b"v1"]
     assert service.payload_errors == 2
+
+
+# ------------------------------------------------------------ Reciprocity (one-way partitions)
+def test_a_peer_that_keeps_hearing_us_is_reciprocal() -> None:
+    clock = FakeClock()
+    r = Reciprocity(timeout=1.5, clock=clock)
+    assert r.hears_us()  # nothing reported yet: benefit of the doubt
+    for _ in range(50):
+        clock.advance(0.3)
+        r.report(250)
+        assert r.hears_us()
+
+
+def test_a_peer_that_stops_hearing_us_is_given_up_after_the_timeout() -> None:
+    """A one-way partition: the peer's heartbeats still arrive, each saying it last heard
+    this node longer ago."""
+    clock = FakeClock()
+    r = Reciprocity(timeout=1.5, clock=clock)
+    r.report(100)
+    cut = clock.now - 0.1
+    deaf = []
+    for _ in range(10):
+        clock.advance(0.3)
+        r.report(int(1000 * (clock.now - cut)))
+        deaf.append((round(clock.now - cut, 1), r.hears_us()))
+    assert deaf[:4] == [(0.4, True), (0.7, True), (1.0, True), (1.3, True)]
+    assert all(not h for t, h in deaf if t >= 1.5), deaf
+    clock.advance(0.3)
+    r.report(50)  # the link healed
+    assert r.hears_us()
+
+
+def test_a_peer_that_never_heard_us_is_given_up_after_the_timeout_from_its_first_report(
+        ) -> None:
+    clock = FakeClock()
+    r = Reciprocity(timeout=1.5, clock=clock)
+    r.report(-1)
+    clock.advance(1.4)
+    r.report(-1)
+    assert r.hears_us()
+    clock.advance(0.2)
+    r.report(-1)
+    assert not r.hears_us()
+    r.reset()  # the peer died: its next life starts with the benefit of the doubt
+    assert r.hears_us()
+    r.report(-1)
+    assert r.hears_us()
+
+
+def test_late_reports_never_move_the_last_hearing_back() -> None:
+    clock = FakeClock()
+    r = Reciprocity(timeout=1.5, clock=clock)
+    r.report(0)
+    clock.advance(1.0)
+    r.report(5000)  # a report from before (reordered), or from another network
+    clock.advance(0.4)
+    assert r.hears_us()
+    clock.advance(0.2)
+    assert not r.hears_us()

@@ -45,6 +45,7 @@ from hvha.agent.heartbeat import (
 )
 from hvha.agent.incarnation import next_incarnation
 from hvha.agent.leases import LeaseManager, NoWitness, WitnessPort
+from hvha.agent.liveness import Reciprocity
 from hvha.agent.ports import GuardPipe, ReplicationChanged
 from hvha.agent.runtime import ModuleRuntime
 
@@ -69,6 +70,7 @@ class Agent:
         self.started_at = time.monotonic()
         self.wall_started = time.time()
         self.last_vouch: float | None = None
+        self.reciprocity = Reciprocity(self.timeout)  # does the peer still hear this node?
         self.peer_seen: dict[str, dict[str, Any]] = {}
         self.leases = LeaseManager(witness or NoWitness(), float(lease), self)
         networks = tuple(
@@ -135,6 +137,10 @@ class Agent:
     def primaries(self) -> list[str]:
         return [n for n, m in self.modules.items() if m.state.role.primary]
 
+    def peer_reachable(self) -> bool:
+        """The peer is alive and hears this node: the link works both ways."""
+        return bool(self.heartbeat.peer_alive()) and self.reciprocity.hears_us()
+
     def peer_vouches(self, now: float) -> bool:
         return self.last_vouch is not None and now - self.last_vouch < self.timeout / 3
 
@@ -155,6 +161,12 @@ class Agent:
             return
         if 0 <= heard_ms < 1000 * self.timeout / 3:
             self.last_vouch = time.monotonic()
+        hears = self.reciprocity.hears_us()
+        self.reciprocity.report(heard_ms)
+        if hears != self.reciprocity.hears_us():
+            log.warning("peer %s %s", self.peer, "hears this node again" if not hears else
+                        "no longer hears this node, though this node hears it (one-way "
+                        "partition?): its replication acks will not come")
         for name, runtime in self.modules.items():
             summary = modules.get(name)
             if not isinstance(summary, dict) or summary == self.peer_seen.get(name):
@@ -174,6 +186,7 @@ class Agent:
         log.info("peer %s is %s", self.peer, "alive" if alive else "DEAD (all networks silent)")
         if not alive:
             self.peer_seen.clear()
+            self.reciprocity.reset()
             for runtime in self.modules.values():
                 runtime.post(Ev.PEER, peer_alive=False)
 
@@ -442,6 +455,7 @@ class Agent:
             "node": self.node, "peer": self.peer, "cluster": self.config["cluster"]["name"],
             "bundle": self.bundle_hash(), "started": self.wall_started,
             "peer_alive": self.heartbeat.peer_alive(), "heartbeat": self.heartbeat.status(),
+            "peer_hears_us": self.reciprocity.hears_us(),
             "witness": {"mode": self.config["witness"]["kind"],
                         "reachable": self.leases.unreachable_since is None,
                         "requests": self.leases.requests, "failures": self.leases.failures},

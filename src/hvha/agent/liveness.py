@@ -1,6 +1,8 @@
 """Peer liveness from heartbeat arrivals: pure, on an injected monotonic clock.
 
 The peer is dead only when *every* heartbeat network has been silent for the timeout.
+`Reciprocity` adds the other direction: whether the peer still hears this node, from what its
+own heartbeats say (a one-way partition leaves the peer alive here while it hears nothing).
 """
 
 from __future__ import annotations
@@ -73,3 +75,43 @@ class Liveness:
     def snapshot(self, now: float | None = None) -> dict[str, dict[str, Any]]:
         t = self._now(now)
         return {n: {"state": self.state(n, t).value, "age": self.age(n, t)} for n in self._last}
+
+
+class Reciprocity:
+    """Whether the peer still hears this node, from the age its heartbeats report.
+
+    Each heartbeat of the peer says how long ago it last heard this node (-1: never). In a
+    one-way partition this node keeps hearing a live peer while the peer hears nothing: the
+    peer then considers this node dead, and anything waiting on the peer's answers here (the
+    replication stream's acks) waits in vain. `hears_us()` turns False once the peer has
+    reported for ``timeout`` seconds that it does not hear this node: so the stream gives the
+    peer up after about the heartbeat timeout instead of its own, longer, ack timeout. Until
+    the first report, and within ``timeout`` of it, the peer is given the benefit of the doubt
+    (startup: the first heartbeats may cross)."""
+
+    def __init__(self, timeout: float, clock: Clock = time.monotonic) -> None:
+        self._timeout = timeout
+        self._clock = clock
+        self._first: float | None = None  # first report since the peer (re)appeared
+        self._heard_at: float | None = None  # when the peer last heard this node
+
+    def _now(self, now: float | None) -> float:
+        return self._clock() if now is None else now
+
+    def report(self, heard_ms: int, now: float | None = None) -> None:
+        """A heartbeat of the peer arrived, saying it heard this node `heard_ms` ago."""
+        t = self._now(now)
+        if self._first is None:
+            self._first = t
+        if heard_ms >= 0:
+            at = t - heard_ms / 1000
+            if self._heard_at is None or at > self._heard_at:
+                self._heard_at = at
+
+    def reset(self) -> None:
+        """The peer is dead: its next life starts with the benefit of the doubt again."""
+        self._first = self._heard_at = None
+
+    def hears_us(self, now: float | None = None) -> bool:
+        ref = self._heard_at if self._heard_at is not None else self._first
+        return ref is None or self._now(now) - ref < self._timeout

@@ -259,8 +259,8 @@ class Ports:
                 def fence(gen: str) -> bool:
                     return bool(agent.outdate_blocking(name, gen, timeout))
             if agent is not None:
-                def peer_alive() -> bool:
-                    return bool(agent.heartbeat.peer_alive())
+                def peer_alive() -> bool:  # and hears this node: its acks can come back
+                    return bool(agent.peer_reachable())
             built = build_replicator(m, self.config, self.state_dir, fence=fence,
                                      peer_alive=peer_alive)
         except OSError as exc:  # the module waits for an operator rather than kill the agent

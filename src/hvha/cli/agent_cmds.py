@@ -159,8 +159,10 @@ def render_status(status: dict[str, Any], *, bars: bool = False) -> Any:
     from hvha.cli.replication_cmds import replication_line, resync_bars
 
     node, peer = status["node"], status["peer"]
+    heard = "NOT HEARD" if not status["peer_alive"] else (
+        "alive" if status.get("peer_hears_us", True) else "alive, but it does NOT HEAR this node")
     table = Table(title=f"cluster {status['cluster']}: {node} (this node), {peer} "
-                  f"({'alive' if status['peer_alive'] else 'NOT HEARD'}), witness "
+                  f"({heard}), witness "
                   f"{status['witness']['mode']}"
                   f"{'' if status['witness']['reachable'] else ' UNREACHABLE'}")
     for col in ("module", node, peer, "primary", "since", "why", "replication"):

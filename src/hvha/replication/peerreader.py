@@ -100,7 +100,8 @@ class PeerReader:
                 if busy and time.monotonic() - self._progress_at > self.timeout:
                     raise TimeoutError(f"no answer for {self.timeout:g} s") from None
             if self.peer_alive is not None and not self.peer_alive():
-                raise TimeoutError("silent, and the heartbeats say the peer is dead") from None
+                raise TimeoutError("silent, and the heartbeats say the peer is dead or no "
+                                   "longer hears this node") from None
             return
         self._handle(frame, conn)
 

@@ -246,7 +246,7 @@ class _Dir(DirOps):
         if alive is None or alive():  # a peer the heartbeats declared dead: alone at once
             hello = self._connect(self.s.connect_timeout)
         else:
-            self.last_error = f"peer {self.s.peer} is dead (heartbeats)"
+            self.last_error = f"peer {self.s.peer} is dead or does not hear this node (heartbeats)"
         if hello is None:
             self._go_alone(self.last_error)
         self._worker = threading.Thread(target=self._work, args=(hello,), daemon=True,

@@ -72,8 +72,9 @@ class Stream(PeerReader):
         self.node, self.peer, self.module = node, peer, module
         self.address, self.ctx, self.dirty = address, ctx, dirty
         self.generations, self.timeout, self.on_mode = generations, timeout, on_mode
-        # the heartbeats' verdict: a silent connection to a peer they declare dead is given up
-        # within a second, not after `timeout` (writes would wait that long for a partition)
+        # the heartbeats' verdict: a silent connection to a peer they declare dead, or that no
+        # longer hears this node (a one-way partition), is given up within a second, not after
+        # `timeout` (writes would wait that long for a partition)
         self.peer_alive = peer_alive
         self._order = threading.RLock()
         lock = threading.RLock()
