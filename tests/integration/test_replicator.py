@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import json
 import os
 import socket
 import struct
@@ -350,9 +351,13 @@ def test_writes_alone_wait_until_the_peer_copy_is_fenced(lab: Lab) -> None:
     threading.Thread(target=app, daemon=True).start()
     until(lambda: bool(calls), "the fence asked")
     assert not done.wait(1.0), "a write alone was acknowledged before the fence"
+    gens = r1._dirs[0].state / "generations.json"
+    # on disk: nothing of this period acknowledged yet (a split brain against it is not one)
+    assert json.loads(gens.read_text())["unfenced"] is True
     gate.set()
     assert done.wait(10), "the write was not released once fenced"
     assert calls[-1] == r1.generation()  # the new generation of the writes alone
+    assert json.loads(gens.read_text())["unfenced"] is False  # written before the ack
 
 
 @needs_root

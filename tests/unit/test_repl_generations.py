@@ -85,3 +85,34 @@ def test_history_is_bounded_and_persisted(tmp_path: Path) -> None:
     assert g.load(tmp_path / "gen.json") == x
     assert g.load(tmp_path / "missing.json") is None
     assert g.new_id() != 0
+
+
+# ------------------------------------------------- unfenced changes (a paused primary's writes)
+def test_unfenced_changes_are_overwritten_instead_of_a_split_brain() -> None:
+    """Fault-matrix row 6: A (primary) is paused, B takes over and is fenced (its writes
+    count), A resumes and writes alone but the witness never fences B's copy for it: none of
+    A's writes was acknowledged, so A takes B's data by a full resync, automatically."""
+    from hvha.replication.admin import meet
+
+    a = g.start_alone(Generations(X), Y, unfenced=True)
+    b = g.fenced(g.start_alone(Generations(X), Z, unfenced=True))
+    assert a.unfenced and not b.unfenced
+    assert both(a, b) == (Decision.SPLIT_BRAIN, Decision.SPLIT_BRAIN)  # the bare table
+    assert meet(a, b, 0x99) == Decision.FULL_RESYNC_FROM_PEER
+    assert meet(b, a, 0x99) == Decision.FULL_RESYNC_TO_PEER
+    # both sides' changes count, or neither side's: an operator picks (hvha resolve)
+    for a_, b_ in ((g.fenced(a), b), (a, g.start_alone(Generations(X), Z, unfenced=True))):
+        assert meet(a_, b_, 0x99) == meet(b_, a_, 0x99) == Decision.SPLIT_BRAIN
+
+
+def test_unfenced_is_persisted_and_ends_with_a_resync(tmp_path: Path) -> None:
+    a = g.start_alone(Generations(X), Y, unfenced=True)
+    g.save(tmp_path / "gens.json", a)
+    loaded = g.load(tmp_path / "gens.json")
+    assert loaded == a and loaded.unfenced
+    assert not g.synced(a).unfenced  # the peer holds this data now
+    assert not g.resync_finished(Generations(X), a).unfenced
+    # files written before the field existed read as fenced (the safe side: an operator picks)
+    assert not Generations.from_dict({"current": "10", "bitmap": "20"}).unfenced
+    # a second period alone on top of a fenced one is unfenced again until fenced
+    assert g.start_alone(g.fenced(a), Z, unfenced=True).unfenced

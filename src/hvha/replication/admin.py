@@ -49,12 +49,22 @@ class OperatorError(Exception):
 def meet(local: Generations, peer: Generations, initial: int) -> Decision:
     """`plan.plan`, plus the operator's resolution of a conflict: a copy marked inconsistent
     (a resync into it unfinished, or discarded by `hvha resolve`) holds nothing worth keeping,
-    so against a consistent copy it is overwritten by a full resync instead of being refused."""
+    so against a consistent copy it is overwritten by a full resync instead of being refused;
+    likewise a split brain where one side's changes were never acknowledged (`unfenced`)."""
     d = plan(local, peer, initial)
     if d in CONFLICTS:
         if peer.inconsistent and not local.inconsistent:
             return Decision.FULL_RESYNC_TO_PEER
         if local.inconsistent and not peer.inconsistent:
+            return Decision.FULL_RESYNC_FROM_PEER
+    if d is Decision.SPLIT_BRAIN:
+        # one side's changes since the split were never acknowledged (it wrote alone, but the
+        # witness never recorded the other copy outdated: a primary paused while its peer
+        # took over, fault-matrix row 6): discarding them loses nothing an application was
+        # told is written, so that copy takes the other's data by a full compare
+        if peer.unfenced and not local.unfenced:
+            return Decision.FULL_RESYNC_TO_PEER
+        if local.unfenced and not peer.unfenced:
             return Decision.FULL_RESYNC_FROM_PEER
     return d
 

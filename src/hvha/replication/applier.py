@@ -67,6 +67,7 @@ class Applier:
         self._apply_lock = threading.Lock()
         self._lock = threading.Lock()
         self._active: tls.Channel | None = None
+        self._epoch = 0  # bumped by drop_session: sessions accepted before it never serve
         self._threads: list[threading.Thread] = []
         self.last_error: str = ""
         self.sessions = 0
@@ -90,6 +91,24 @@ class Applier:
         with self._apply_lock:
             self.tree.close()
 
+    def drop_session(self, timeout: float = 10.0) -> None:
+        """End the session being served, if any, and return once it applies nothing more;
+        a session accepted before this call (its hello already answered) never starts.
+
+        For a node that becomes primary: its guard is released and its mirror mounted only
+        after this, so ops of a former primary that still holds its connection (a node that
+        was paused, not dead) can no longer reach the directory the new primary serves. The
+        caller refuses later hellos first (on_hello). Raises TimeoutError if the session did
+        not end within `timeout` seconds (an op stuck in the disk)."""
+        with self._lock:
+            self._epoch += 1
+            active = self._active
+        if active is not None:
+            active.shutdown()
+        if not self._apply_lock.acquire(timeout=timeout):
+            raise TimeoutError(f"the former primary's session did not end within {timeout:g} s")
+        self._apply_lock.release()
+
     def __enter__(self) -> Applier:
         self.start()
         return self
@@ -112,6 +131,8 @@ class Applier:
             t.start()
 
     def _session(self, conn: socket.socket, addr: Any) -> None:
+        with self._lock:
+            epoch = self._epoch  # before the hello is judged: see drop_session
         try:
             chan = tls.accept(conn, self.ctx, self.peer, self.handshake_timeout)
         except (OSError, ssl.SSLError) as exc:
@@ -133,7 +154,7 @@ class Applier:
                 old.shutdown()
             chan.timeout = None
             with self._apply_lock:
-                if self._stop.is_set():
+                if self._stop.is_set() or epoch != self._epoch:
                     return
                 self.sessions += 1
                 self._serve(chan, reader)

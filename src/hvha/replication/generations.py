@@ -10,7 +10,9 @@ refused until an operator picks a side), and never related (unrelated: refused).
 
 Everything here is a pure function of its arguments except `new_id` (random) and the small
 load/save helpers at the end. Rules for callers:
-- `start_alone` when this node becomes primary (or writes) while the peer is away;
+- `start_alone` when this node becomes primary (or writes) while the peer is away (`unfenced`
+  until `fenced`: until then none of its writes was acknowledged, and admin.meet lets such
+  changes be overwritten by the peer's instead of calling it a split brain);
 - `resync_started`/`resync_finished` on the sync target; `synced` on the source when the
   resync completes; a target with `inconsistent` set must never promote itself (`may_promote`).
 """
@@ -43,11 +45,14 @@ class Generations:
     bitmap: int = 0
     history: tuple[int, ...] = ()
     inconsistent: bool = False  # a resync into this copy started and has not finished
+    # this node started writing alone and the witness has not (yet) recorded the peer's copy
+    # outdated: no write of the current period was acknowledged (they wait for that record)
+    unfenced: bool = False
 
     def as_dict(self) -> dict[str, object]:
         return {"current": f"{self.current:016x}", "bitmap": f"{self.bitmap:016x}",
                 "history": [f"{h:016x}" for h in self.history],
-                "inconsistent": self.inconsistent}
+                "inconsistent": self.inconsistent, "unfenced": self.unfenced}
 
     @staticmethod
     def from_dict(d: dict[str, object]) -> Generations:
@@ -56,7 +61,7 @@ class Generations:
             raise ValueError("history must be a list")
         return Generations(int(str(d["current"]), 16), int(str(d.get("bitmap", "0")), 16),
                            tuple(int(str(h), 16) for h in hist),
-                           bool(d.get("inconsistent", False)))
+                           bool(d.get("inconsistent", False)), d.get("unfenced") is True)
 
 
 def new_id() -> int:
@@ -70,20 +75,31 @@ def initial(ident: int | None = None) -> Generations:
     return Generations(new_id() if ident is None else ident)
 
 
-def start_alone(g: Generations, ident: int | None = None) -> Generations:
+def start_alone(g: Generations, ident: int | None = None, *,
+                unfenced: bool = False) -> Generations:
     """This node writes while the peer is away: a new period of data begins, and the dirty map
-    tracks changes since the old one (unless it already does)."""
+    tracks changes since the old one (unless it already does). unfenced=True: its writes wait
+    for the witness to record the peer's copy outdated (`fenced` once it has)."""
     nid = new_id() if ident is None else ident
     if g.bitmap == 0:
-        return replace(g, current=nid, bitmap=g.current)
-    return replace(g, current=nid, history=((g.current, *g.history))[:HISTORY])
+        return replace(g, current=nid, bitmap=g.current, unfenced=unfenced)
+    return replace(g, current=nid, history=((g.current, *g.history))[:HISTORY],
+                   unfenced=unfenced)
+
+
+def fenced(g: Generations) -> Generations:
+    """Writes of this period may now be acknowledged (the witness recorded the peer's copy
+    outdated, or the peer is back and gets them by resync), so they count: persist this
+    before acknowledging any."""
+    return replace(g, unfenced=False)
 
 
 def synced(source: Generations) -> Generations:
     """The source after a completed resync: the peer now holds its current data."""
     if source.bitmap == 0:
-        return source
-    return replace(source, bitmap=0, history=((source.bitmap, *source.history))[:HISTORY])
+        return replace(source, unfenced=False)
+    return replace(source, bitmap=0, history=((source.bitmap, *source.history))[:HISTORY],
+                   unfenced=False)
 
 
 def resync_started(target: Generations) -> Generations:

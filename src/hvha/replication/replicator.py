@@ -168,12 +168,22 @@ class _Dir(DirOps):
             if not self.primary:
                 return
             if self.gens.bitmap == 0:
-                self.gens = generations.start_alone(self.gens)
+                self.gens = generations.start_alone(self.gens,
+                                                    unfenced=self.s.fence is not None)
                 self._save()
                 log.warning("replication %s: writing without %s (%s): new generation, "
                             "tracking dirty zones", self.ident, self.s.peer, why)
             self._need_fence = True
         self._wake.set()  # the worker fences (never this thread: it may be the stream's)
+
+    def _acknowledging(self) -> None:
+        """Writes made alone are about to be acknowledged (the witness fenced the peer's copy,
+        or the peer is back and gets them by resync): from now on this period's changes count,
+        and a split brain against them is an operator's call (generations.unfenced)."""
+        with self._lock:
+            if self.gens.unfenced:
+                self.gens = generations.fenced(self.gens)
+                self._save()
 
     def _fence_once(self) -> None:
         """Writes made alone wait until the witness records that the peer's copy is outdated
@@ -185,6 +195,7 @@ class _Dir(DirOps):
             return
         if fence is None or fence():
             self._need_fence = False
+            self._acknowledging()
             stream.allow_alone()
             return
         if not self._fence_warned:
@@ -223,6 +234,13 @@ class _Dir(DirOps):
             os.close(dfd)
         self._closing = False
         self._stop.clear()
+        # a former primary may still hold its session (paused, not dead: fault-matrix row 6);
+        # its ops must not reach the directory this node now serves (hellos are refused now)
+        try:
+            self.applier.drop_session()
+        except TimeoutError:
+            self.leave_primary()
+            raise
         if self.guard is not None:
             self.guard.release()
             self.guard = None
@@ -328,6 +346,7 @@ class _Dir(DirOps):
             if hello is not None:
                 self.refused = self.conflict = ""
                 self.discard_peer = False
+                self._acknowledging()  # the peer is back: writes made alone get acknowledged
                 try:
                     self._sync(stream, Generations.from_dict(hello), bool(hello.get("unclean")))
                 except Exception as exc:  # the peer went away mid-resync: retry
