@@ -517,6 +517,44 @@ def test_a_paused_primary_acknowledges_nothing_after_the_takeover(lab: Lab) -> N
             == _tree_digest(lab.node_path("node2", DATA)))
 
 
+@needs_nft
+def test_an_isolated_primary_acknowledges_nothing_and_rejoins_by_itself(lab: Lab) -> None:
+    """Fault-matrix row 8 with data: the primary loses its peer and the witness at once. It
+    acknowledges nothing from then on (writes alone wait for a fence the witness cannot give),
+    demotes itself, and the peer takes over. Once healed, its unacknowledged changes are
+    overwritten by the new primary's data without an operator; every record acknowledged
+    before the cut is on both copies, byte-equal."""
+    cluster = cluster_file(lab, replicated=DATA, name="replicated.yaml")
+    out = hvha("apply", str(cluster), "--auto-approve")
+    assert out.returncode == 0, out.stdout + out.stderr
+    _until(lambda: _in_sync(lab) and roles(lab) == {"node1": "PRIM", "node2": "SECOND"},
+           "node1 PRIM, node2 SECOND, in sync")
+    others = [*(lab.address("node2", net) for net in ("lan", "repl")),
+              lab.address("witness", "lan")]
+    addrs = "{ " + ", ".join(str(a) for a in others) + " }"
+    ledger = _Ledger(lab, "node1", f"{DATA}/isolated")
+    try:
+        _until(lambda: len(ledger.acks) > 20, "the writer's first records")
+        _nft_drop(lab, "node1", "hvha_cut", f"ip saddr {addrs}", f"ip daddr {addrs}")
+        cut_at = time.monotonic()
+        _until(lambda: (module(lab, "node2") or {}).get("role") == "ALONE", "node2 took over")
+        time.sleep(2)
+        late = [n for t, n in ledger.acks if t > cut_at + 0.5]  # in flight at the cut: no more
+        _heal(lab, "node1")
+        _until(lambda: roles(lab) == {"node1": "SECOND", "node2": "PRIM"} and _in_sync(lab),
+               "node1 SECOND and resynced, node2 PRIM", timeout=120)
+    finally:
+        _heal(lab, "node1")
+        ledger.stop()
+    assert not late, f"{len(late)} records acknowledged by the isolated node after the cut"
+    acked = ledger.acked()
+    for node in ("node1", "node2"):
+        missing = sorted(acked - _records(lab.node_path(node, f"{DATA}/isolated")))
+        assert not missing, f"acknowledged records missing on {node}: {missing[:5]}"
+    assert (_tree_digest(lab.node_path("node1", DATA))
+            == _tree_digest(lab.node_path("node2", DATA)))
+
+
 FAULT_ROUNDS = int(os.environ.get("HVHA_E2E_FAULT_ROUNDS", "2"))  # soak: 50
 FAULT_SEED = int(os.environ.get("HVHA_E2E_FAULT_SEED", "2026112501"))
 FAULTS = ("power_off_primary", "kill_9_secondary_agent", "partition", "lossy_flapping_link")
