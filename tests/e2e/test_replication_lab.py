@@ -466,6 +466,13 @@ def test_a_one_way_partition_converges_to_one_primary(lab: Lab, blind: str) -> N
     _converged(lab, f"{DATA}/one-way-{blind}", ledger.acked())
 
 
+def _signal(pids: list[int], sig: int) -> None:
+    """Signal each of `pids` (a node's processes, from `lab.pids`), skipping those gone."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # a short-lived process ended
+            os.kill(pid, sig)
+
+
 def test_a_paused_primary_acknowledges_nothing_after_the_takeover(lab: Lab) -> None:
     """Fault-matrix row 6 with data: every process of the primary node is stopped (SIGSTOP, as
     a paused VM or a stalled host), the peer takes over, then the node resumes, its writer
@@ -479,21 +486,15 @@ def test_a_paused_primary_acknowledges_nothing_after_the_takeover(lab: Lab) -> N
            "node1 PRIM, node2 SECOND, in sync")
     ledger = _Ledger(lab, "node1", f"{DATA}/paused")
     pids = lab.pids("node1")
-
-    def signal_all(sig: int) -> None:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-
     try:
         _until(lambda: len(ledger.acks) > 20, "the writer's first records")
-        signal_all(signal.SIGSTOP)
+        _signal(pids, signal.SIGSTOP)
         try:
             _until(lambda: (module(lab, "node2") or {}).get("role") == "ALONE",
                    "node2 took over", timeout=30)
             time.sleep(2)  # node2 writes nothing here, but it holds the module
         finally:
-            signal_all(signal.SIGCONT)
+            _signal(pids, signal.SIGCONT)
         resumed = time.monotonic()
         try:  # automatically: its writes alone were never acknowledged (admin.meet)
             _until(lambda: roles(lab) == {"node1": "SECOND", "node2": "PRIM"} and _in_sync(lab),
@@ -505,7 +506,7 @@ def test_a_paused_primary_acknowledges_nothing_after_the_takeover(lab: Lab) -> N
             raise
         after = [n for t, n in ledger.acks if t > resumed]
     finally:
-        signal_all(signal.SIGCONT)
+        _signal(pids, signal.SIGCONT)
         ledger.stop()
     acked = ledger.acked()
     print(f"paused primary: {len(acked)} records acknowledged, {len(after)} after the resume")
@@ -557,7 +558,8 @@ def test_an_isolated_primary_acknowledges_nothing_and_rejoins_by_itself(lab: Lab
 
 FAULT_ROUNDS = int(os.environ.get("HVHA_E2E_FAULT_ROUNDS", "2"))  # soak: 50
 FAULT_SEED = int(os.environ.get("HVHA_E2E_FAULT_SEED", "2026112501"))
-FAULTS = ("power_off_primary", "kill_9_secondary_agent", "partition", "lossy_flapping_link")
+FAULTS = ("power_off_primary", "kill_9_secondary_agent", "partition", "lossy_flapping_link",
+          "pause_primary", "isolate_primary", "one_way_partition", "damaged_packets")
 
 
 def _agent_pid(lab: Lab, node: str) -> int:
@@ -583,7 +585,9 @@ def _primary(lab: Lab) -> tuple[str, str]:
 def test_a_seeded_schedule_of_faults_loses_no_acknowledged_write(lab: Lab) -> None:
     """Random but seeded faults (FAULT-MATRIX habits), one per round, against the ledger oracle
     and replica equality: power-off of the primary, kill -9 of the secondary's agent (its
-    supervisor restarts it), a partition between the nodes, a lossy flapping replication link.
+    supervisor restarts it), a partition between the nodes, a lossy flapping replication link,
+    the primary paused (SIGSTOP) then resumed, the primary cut off from peer and witness, a
+    one-way partition either way, damaged and duplicated packets.
     After each: heal, converge, every acknowledged record on both copies, copies byte-equal.
     Soak: HVHA_E2E_FAULT_ROUNDS=50 (HVHA_E2E_FAULT_SEED picks another schedule)."""
     cluster = cluster_file(lab, replicated=DATA, name="replicated.yaml")
@@ -612,18 +616,47 @@ def test_a_seeded_schedule_of_faults_loses_no_acknowledged_write(lab: Lab) -> No
                 _cut_between(lab, other, prim)
                 time.sleep(rng.uniform(2.0, 5.0))
                 _heal(lab, other)
-            else:
+            elif fault == "lossy_flapping_link":
                 _lossy(lab, prim, 20)
                 time.sleep(rng.uniform(1.0, 3.0))
                 lab.set_link(prim, "repl", up=False)
                 time.sleep(rng.uniform(0.2, 2.0))
                 lab.set_link(prim, "repl", up=True)
                 _clear_loss(lab, prim)
+            elif fault == "pause_primary":
+                paused = lab.pids(prim)
+                _signal(paused, signal.SIGSTOP)
+                try:
+                    _until(lambda: (module(lab, other) or {}).get("role") == "ALONE",  # noqa: B023
+                           f"{other} took over", timeout=30)
+                    time.sleep(rng.uniform(0.2, 2.0))
+                finally:
+                    _signal(paused, signal.SIGCONT)
+            elif fault == "isolate_primary":
+                away = [*(lab.address(other, net) for net in ("lan", "repl")),
+                        lab.address("witness", "lan")]
+                addrs = "{ " + ", ".join(str(a) for a in away) + " }"
+                _nft_drop(lab, prim, "hvha_cut", f"ip saddr {addrs}", f"ip daddr {addrs}")
+                _until(lambda: (module(lab, other) or {}).get("role") == "ALONE",  # noqa: B023
+                       f"{other} took over", timeout=30)
+                time.sleep(rng.uniform(0.2, 2.0))
+                _heal(lab, prim)
+            elif fault == "one_way_partition":
+                sender = rng.choice((prim, other))
+                _cut_one_way(lab, sender, other if sender == prim else prim)
+                time.sleep(rng.uniform(2.0, 5.0))
+                _heal(lab, sender)
+            else:
+                _noise(lab, prim, other)
+                time.sleep(rng.uniform(2.0, 5.0))
+                _clear_noise(lab, prim)
             _until(lambda: _in_sync(lab) and set(roles(lab).values()) == {"PRIM", "SECOND"},
                    f"round {rnd} ({fault}): PRIM and SECOND in sync again", timeout=120)
         finally:
             _heal(lab, other)
+            _heal(lab, prim)
             _clear_loss(lab, prim)
+            _clear_noise(lab, prim)
             for net in ("lan", "repl"):
                 lab.set_link(prim, net, up=True)
             ledger.stop()
