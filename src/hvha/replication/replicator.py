@@ -133,6 +133,10 @@ class _Dir(DirOps):
             self.conflict = d.value if d in REFUSALS else ""
             self.peer_synced = d is Decision.IN_SYNC
             if d in FROM_PEER:
+                if self.gens.unfenced:
+                    log.warning("replication %s: the writes this node made alone were never "
+                                "acknowledged (the witness did not fence %s's copy): they are "
+                                "overwritten by %s's data", self.ident, self.s.peer, self.s.peer)
                 if not self.gens.inconsistent:
                     self.gens = generations.resync_started(self.gens)
                     self._save()
