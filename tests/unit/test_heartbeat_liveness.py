@@ -225,6 +225,9 @@ def test_a_peer_that_stops_hearing_us_is_given_up_after_the_timeout() -> None:
     this node longer ago."""
     clock = FakeClock()
     r = Reciprocity(timeout=1.5, clock=clock)
+    for _ in range(10):  # a link that worked for a while
+        r.report(100)
+        clock.advance(0.3)
     r.report(100)
     cut = clock.now - 0.1
     deaf = []
@@ -266,3 +269,21 @@ def test_late_reports_never_move_the_last_hearing_back() -> None:
     assert r.hears_us()
     clock.advance(0.2)
     assert not r.hears_us()
+
+
+def test_a_peer_that_last_heard_our_previous_life_gets_the_grace_period() -> None:
+    """This agent restarted: the peer's first heartbeats still say it last heard this node a
+    minute ago (its previous incarnation); that is no one-way partition yet."""
+    clock = FakeClock()
+    r = Reciprocity(timeout=1.5, clock=clock)
+    r.report(60_000)
+    assert r.hears_us()
+    clock.advance(0.3)
+    r.report(60_300)
+    assert r.hears_us()
+    clock.advance(0.3)
+    r.report(100)  # it hears this node's new life (0.1 s ago)
+    clock.advance(1.3)
+    assert r.hears_us()
+    clock.advance(0.2)
+    assert not r.hears_us()  # and then not for the timeout: deaf again

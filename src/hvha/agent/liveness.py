@@ -113,5 +113,9 @@ class Reciprocity:
         self._first = self._heard_at = None
 
     def hears_us(self, now: float | None = None) -> bool:
-        ref = self._heard_at if self._heard_at is not None else self._first
-        return ref is None or self._now(now) - ref < self._timeout
+        if self._first is None:
+            return True
+        # the first reports may still speak of this node's previous life (an agent restart):
+        # they count from when they began, not from the old hearing they report
+        ref = self._first if self._heard_at is None else max(self._heard_at, self._first)
+        return self._now(now) - ref < self._timeout
