@@ -18,6 +18,7 @@ from typing import Any
 
 from hvha.replication import admin, blocks, localfault
 from hvha.replication.admin import OperatorError
+from hvha.replication.dirgens import DirGenerations
 from hvha.replication.dirparts import DirApplier, Settings
 from hvha.replication.exclude import Excludes
 from hvha.replication.generations import Generations
@@ -26,8 +27,8 @@ from hvha.replication.stream import Mode, Stream, StreamDown
 log = logging.getLogger("hvha.replication")
 
 
-class DirOps:
-    """Operator commands of one replicated directory (mixin of replicator._Dir)."""
+class DirOps(DirGenerations):
+    """Operator commands of one replicated directory (base of replicator._Dir)."""
 
     s: Settings
     path: Path
@@ -50,9 +51,6 @@ class DirOps:
     stream: Stream | None
     backing_fd: int
     excludes: Excludes
-
-    def _save(self) -> None:
-        raise NotImplementedError
 
     def _discard(self) -> Path:
         """Move this secondary's copy aside; it takes the peer's data at the next session."""
