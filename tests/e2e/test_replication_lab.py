@@ -419,6 +419,13 @@ def test_a_partition_between_the_nodes_loses_nothing(lab: Lab) -> None:
     _converged(lab, f"{DATA}/partition", acked)
 
 
+def _isolate(lab: Lab, node: str, peer: str) -> None:
+    """Nothing to or from `peer` (either network) or the witness in `node`'s namespace."""
+    away = [*(lab.address(peer, net) for net in ("lan", "repl")), lab.address("witness", "lan")]
+    addrs = "{ " + ", ".join(str(a) for a in away) + " }"
+    _nft_drop(lab, node, "hvha_cut", f"ip saddr {addrs}", f"ip daddr {addrs}")
+
+
 def _cut_one_way(lab: Lab, node: str, peer: str) -> None:
     """Nothing from `node` reaches `peer`, on either network; `peer` still reaches `node`
     (a one-way partition: a half-dead cable, an asymmetric firewall rule)."""
@@ -533,13 +540,10 @@ def test_an_isolated_primary_acknowledges_nothing_and_rejoins_by_itself(lab: Lab
     assert out.returncode == 0, out.stdout + out.stderr
     _until(lambda: _in_sync(lab) and roles(lab) == {"node1": "PRIM", "node2": "SECOND"},
            "node1 PRIM, node2 SECOND, in sync")
-    others = [*(lab.address("node2", net) for net in ("lan", "repl")),
-              lab.address("witness", "lan")]
-    addrs = "{ " + ", ".join(str(a) for a in others) + " }"
     ledger = _Ledger(lab, "node1", f"{DATA}/isolated")
     try:
         _until(lambda: len(ledger.acks) > 20, "the writer's first records")
-        _nft_drop(lab, "node1", "hvha_cut", f"ip saddr {addrs}", f"ip daddr {addrs}")
+        _isolate(lab, "node1", "node2")
         cut_at = time.monotonic()
         _until(lambda: (module(lab, "node2") or {}).get("role") == "ALONE", "node2 took over")
         time.sleep(2)
@@ -636,10 +640,7 @@ def test_a_seeded_schedule_of_faults_loses_no_acknowledged_write(lab: Lab) -> No
                 finally:
                     _signal(paused, signal.SIGCONT)
             elif fault == "isolate_primary":
-                away = [*(lab.address(other, net) for net in ("lan", "repl")),
-                        lab.address("witness", "lan")]
-                addrs = "{ " + ", ".join(str(a) for a in away) + " }"
-                _nft_drop(lab, prim, "hvha_cut", f"ip saddr {addrs}", f"ip daddr {addrs}")
+                _isolate(lab, prim, other)
                 _until(lambda: (module(lab, other) or {}).get("role") == "ALONE",  # noqa: B023
                        f"{other} took over", timeout=30)
                 time.sleep(rng.uniform(0.2, 2.0))
