@@ -129,6 +129,15 @@ def _converged(lab: Lab, ledger: str, acked: set[int]) -> None:
            timeout=30)
 
 
+def _apply_in_sync(lab: Lab) -> None:
+    """`hvha apply` the replicated cluster; return once node1 is PRIM, node2 SECOND, in sync."""
+    cluster = cluster_file(lab, replicated=DATA, name="replicated.yaml")
+    out = hvha("apply", str(cluster), "--auto-approve")
+    assert out.returncode == 0, out.stdout + out.stderr
+    _until(lambda: _in_sync(lab) and roles(lab) == {"node1": "PRIM", "node2": "SECOND"},
+           "node1 PRIM, node2 SECOND, in sync")
+
+
 class _Ledger:
     """The ledger writer on `node`, its acknowledgements read as they come: (when, record)."""
 
@@ -336,11 +345,7 @@ def test_damaged_and_duplicated_packets_are_rejected(lab: Lab) -> None:
     authentication (the connection is dropped and the pair resyncs), corrupted or duplicated
     heartbeats are dropped by their MAC and replay checks; no agent crashes, never two
     primaries, and afterwards every acknowledged record is on both copies, byte-equal."""
-    cluster = cluster_file(lab, replicated=DATA, name="replicated.yaml")
-    out = hvha("apply", str(cluster), "--auto-approve")
-    assert out.returncode == 0, out.stdout + out.stderr
-    _until(lambda: _in_sync(lab) and roles(lab) == {"node1": "PRIM", "node2": "SECOND"},
-           "node1 PRIM, node2 SECOND, in sync")
+    _apply_in_sync(lab)
     agents = {n: _agent_pid(lab, n) for n in ("node1", "node2")}
     before = {n: (status(lab, n) or {})["heartbeat"]["counters"] for n in agents}
     log_at = lab.node_path("node2", "/var/lib/hvha/agent.log").stat().st_size
@@ -440,11 +445,7 @@ def test_a_one_way_partition_converges_to_one_primary(lab: Lab, blind: str) -> N
     direction and the witness still work (`blind` is the node that hears nothing). Never two
     primaries; the primary's writes resume within a few seconds; after healing the pair is in
     sync again, every acknowledged record on both copies, the copies byte-equal."""
-    cluster = cluster_file(lab, replicated=DATA, name="replicated.yaml")
-    out = hvha("apply", str(cluster), "--auto-approve")
-    assert out.returncode == 0, out.stdout + out.stderr
-    _until(lambda: _in_sync(lab) and roles(lab) == {"node1": "PRIM", "node2": "SECOND"},
-           "node1 PRIM, node2 SECOND, in sync")
+    _apply_in_sync(lab)
     sender = "node2" if blind == "node1" else "node1"
     ledger = _Ledger(lab, "node1", f"{DATA}/one-way-{blind}")
     try:
@@ -486,11 +487,7 @@ def test_a_paused_primary_acknowledges_nothing_after_the_takeover(lab: Lab) -> N
     included. Whatever the resumed writer was told, every record it counted acknowledged is on
     the new primary's copy: nothing was acknowledged alone after the takeover. The resumed node
     becomes the secondary and resyncs; the copies end byte-equal."""
-    cluster = cluster_file(lab, replicated=DATA, name="replicated.yaml")
-    out = hvha("apply", str(cluster), "--auto-approve")
-    assert out.returncode == 0, out.stdout + out.stderr
-    _until(lambda: _in_sync(lab) and roles(lab) == {"node1": "PRIM", "node2": "SECOND"},
-           "node1 PRIM, node2 SECOND, in sync")
+    _apply_in_sync(lab)
     ledger = _Ledger(lab, "node1", f"{DATA}/paused")
     pids = lab.pids("node1")
     try:
@@ -535,11 +532,7 @@ def test_an_isolated_primary_acknowledges_nothing_and_rejoins_by_itself(lab: Lab
     demotes itself, and the peer takes over. Once healed, its unacknowledged changes are
     overwritten by the new primary's data without an operator; every record acknowledged
     before the cut is on both copies, byte-equal."""
-    cluster = cluster_file(lab, replicated=DATA, name="replicated.yaml")
-    out = hvha("apply", str(cluster), "--auto-approve")
-    assert out.returncode == 0, out.stdout + out.stderr
-    _until(lambda: _in_sync(lab) and roles(lab) == {"node1": "PRIM", "node2": "SECOND"},
-           "node1 PRIM, node2 SECOND, in sync")
+    _apply_in_sync(lab)
     ledger = _Ledger(lab, "node1", f"{DATA}/isolated")
     try:
         _until(lambda: len(ledger.acks) > 20, "the writer's first records")
