@@ -6,7 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=.venv
-APT_PACKAGES=(iproute2 iputils-ping procps keepalived openssh-server fuse3 qemu-system-x86 rsync nftables)
+# gcc and libssl-dev build the native replication lane (src/hvha/replication/native/lane.c)
+APT_PACKAGES=(iproute2 iputils-ping procps keepalived openssh-server fuse3 qemu-system-x86 rsync nftables
+              gcc libssl-dev)
 
 need_apt() {
   local missing=()
@@ -25,7 +27,9 @@ need_apt() {
 
 setup() {
   need_apt
-  if [ ! -x "$VENV/bin/hvha" ] || [ pyproject.toml -nt "$VENV/.stamp" ]; then
+  local lane=src/hvha/replication/native
+  if [ ! -x "$VENV/bin/hvha" ] || [ pyproject.toml -nt "$VENV/.stamp" ] \
+      || [ ! -f $lane/liblane.so ] || [ $lane/lane.c -nt "$VENV/.stamp" ]; then
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip >/dev/null
     "$VENV/bin/pip" install -q -e '.[dev]'

@@ -7,6 +7,9 @@ primary ALONE with every unacknowledged op in the dirty map, and the resync afte
 makes the trees equal again; a full disk on the secondary makes the primary go ALONE and never
 report the failed op as replicated; wrong CA, wrong node name and plaintext are refused; the
 read-only guard keeps apps on the secondary from writing its copy.
+
+Every test runs twice: with the secondary's session served by the native lane (lane.c, the
+default) and by the Python applier (the fallback where the lane was not built).
 """
 
 from __future__ import annotations
@@ -27,12 +30,23 @@ from pathlib import Path
 
 import pytest
 
-from hvha.replication import blocks, ops, tls
+from hvha.replication import blocks, lane, ops, tls
 from hvha.replication.applier import Applier, TreeWriter, read_only_guard
 from hvha.replication.dirty import DirtyStore
 from hvha.replication.stream import Mode, ResyncProgress, Stream
 
 PUNCH = blocks.FALLOC_FL_PUNCH_HOLE | blocks.FALLOC_FL_KEEP_SIZE
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def applier_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which implementation serves the secondary's sessions."""
+    if request.param == "native":
+        ok, why = lane.available()
+        assert ok, f"the native lane must be built for these tests: {why}"
+    else:
+        monkeypatch.setenv("HVHA_NATIVE_LANE", "0")
+    return str(request.param)
 
 
 @dataclass
@@ -310,6 +324,9 @@ def test_a_silent_peer_the_heartbeats_declare_dead_is_given_up_at_once(
 
     class Silent(Applier):
         def _serve(self, sock: tls.Channel, reader: object) -> None:  # type: ignore[override]
+            healed.wait(15)
+
+        def _serve_native(self, sock: object) -> None:  # type: ignore[override]
             healed.wait(15)
     alive = [True]
     with make_pair(tmp_path, certs, timeout=10.0) as pair:

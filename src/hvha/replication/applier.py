@@ -28,13 +28,14 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from hvha.replication import ops, tls, wire
+from hvha.replication import lane, ops, tls, wire
 from hvha.replication.blocks import TreeReader
 from hvha.replication.directio import DirectWriter
+from hvha.replication.lane import Lane
 from hvha.replication.localfault import FaultLatch
 from hvha.replication.ops import check_path
 from hvha.replication.wire import FrameType, Hello
@@ -66,7 +67,7 @@ class Applier:
         self._stop = threading.Event()
         self._apply_lock = threading.Lock()
         self._lock = threading.Lock()
-        self._active: tls.Channel | None = None
+        self._active: tls.Channel | Lane | None = None
         self._epoch = 0  # bumped by drop_session: sessions accepted before it never serve
         self._threads: list[threading.Thread] = []
         self.last_error: str = ""
@@ -133,15 +134,26 @@ class Applier:
     def _session(self, conn: socket.socket, addr: Any) -> None:
         with self._lock:
             epoch = self._epoch  # before the hello is judged: see drop_session
+        creds = self.ctx.creds if isinstance(self.ctx, tls.NodeContext) else None
+        native = creds is not None and lane.available()[0]
+        chan: tls.Channel | Lane
         try:
-            chan = tls.accept(conn, self.ctx, self.peer, self.handshake_timeout)
+            if creds is not None and native:
+                chan = Lane(conn, creds, self.handshake_timeout)
+                try:
+                    tls.check_peer(chan, self.peer)
+                except BaseException:
+                    chan.close()
+                    raise
+            else:
+                chan = tls.accept(conn, self.ctx, self.peer, self.handshake_timeout)
         except (OSError, ssl.SSLError) as exc:
             log.warning("replication: refused connection from %s: %s", addr, exc)
             self.last_error = f"refused {addr}: {exc}"
             return
         with chan:
             try:
-                reader = wire.FrameReader(chan, zero_copy=True)
+                reader = chan if isinstance(chan, Lane) else wire.FrameReader(chan, zero_copy=True)
                 if not self._handshake(chan, reader):
                     return
             except (OSError, wire.WireError) as exc:
@@ -157,7 +169,13 @@ class Applier:
                 if self._stop.is_set() or epoch != self._epoch:
                     return
                 self.sessions += 1
-                self._serve(chan, reader)
+                log.info("replication: serving %s's session (%s)", self.peer,
+                         "native lane" if isinstance(chan, Lane) else
+                         f"Python applier: {lane.available()[1] or 'no credentials file'}")
+                if isinstance(chan, Lane):
+                    self._serve_native(chan)
+                elif isinstance(reader, wire.FrameReader):
+                    self._serve(chan, reader)
             with self._lock:
                 if self._active is chan:
                     self._active = None
@@ -168,7 +186,7 @@ class Applier:
         with self._lock:
             return self._active is not None
 
-    def _handshake(self, sock: tls.Channel, reader: wire.FrameReader) -> bool:
+    def _handshake(self, sock: tls.Channel | Lane, reader: wire.FrameReader | Lane) -> bool:
         frame = reader.read()
         if frame.type != FrameType.HELLO:
             raise wire.WireError(f"expected HELLO, got {frame.type.name}")
@@ -207,12 +225,58 @@ class Applier:
         else:
             self.faults.note(type(op).__name__.lower(), ops.paths_of(op)[0], error)
 
+    def _answer_op(self, sock: tls.Channel | Lane, seq: int,
+                   op: ops.Op | tuple[str, int, memoryview], error: OSError | None,
+                   strict: bool) -> bool:
+        """Report op seq's failure, if any, to the primary; False if the session ends."""
+        if error is None:
+            return True
+        self._note_fault(op, error)
+        if strict or error.errno not in _DIVERGENCE:
+            self.last_error = f"op {seq} {op!r:.200}: {error}"
+            log.error("replication: %s", self.last_error)
+            sock.sendall(wire.encode_frame(FrameType.NACK, seq, wire.encode_nack(
+                error.errno or errno.EIO, str(error))))
+            return False
+        self.skipped += 1
+        log.info("replication: op %d skipped while resyncing: %s", seq, error)
+        nack = wire.encode_nack(error.errno or 0, str(error))
+        sock.sendall(wire.encode_frame(FrameType.SKIPPED, seq, nack))
+        return True
+
+    def _query(self, payload: bytes | bytearray) -> tuple[bytes, bool | None]:
+        """(reply, the new strict mode if the query set it)."""
+        if payload.startswith(b'{"on":'):  # {"on":bool,"q":"strict"}
+            return b"\0true", wire.decode_json(payload).get("on") is True
+        return self.tree.query(bytes(payload)), None
+
+    def _serve_native(self, sock: Lane) -> None:
+        """The session through the native lane: it applies Writes and Fsyncs itself and
+        hands every other frame here (lane.py)."""
+        strict = False
+        with self._session_errors(sock):
+            while True:
+                frame, failed = sock.serve(self.tree.root_fd, self.tree.names_pending)
+                if frame.type == FrameType.OP:
+                    op = wire.decode_write(frame.payload) or wire.decode_op(frame.payload)
+                    error = OSError(failed, os.strerror(failed)) if failed else self._apply(op)
+                    if not self._answer_op(sock, frame.seq, op, error, strict):
+                        return
+                    sock.applied(frame.seq, len(frame.payload))
+                elif frame.type == FrameType.QUERY:
+                    reply, mode = self._query(frame.payload)
+                    strict = strict if mode is None else mode
+                    sock.flush_ack()
+                    sock.sendall(wire.encode_frame(FrameType.REPLY, frame.seq, reply))
+                else:
+                    raise wire.WireError(f"unexpected {frame.type.name} frame")
+
     def _serve(self, sock: tls.Channel, reader: wire.FrameReader) -> None:
         expected = -1
         strict = False
         acked = applied = 0  # this session's own numbers: a new primary counts from 1 again
         unacked_bytes, since = 0, time.monotonic()
-        try:
+        with self._session_errors(sock):
             while True:
                 frame = reader.read()
                 if frame.type == FrameType.OP:
@@ -220,29 +284,13 @@ class Applier:
                         raise wire.WireError(f"op {frame.seq} out of order, {expected} expected")
                     expected = frame.seq + 1
                     op = wire.decode_write(frame.payload) or wire.decode_op(frame.payload)
-                    error = self._apply(op)
-                    if error is not None:
-                        self._note_fault(op, error)
-                    if error is not None and (strict or error.errno not in _DIVERGENCE):
-                        self.last_error = f"op {frame.seq} {op!r:.200}: {error}"
-                        log.error("replication: %s", self.last_error)
-                        sock.sendall(wire.encode_frame(FrameType.NACK, frame.seq, wire.encode_nack(
-                            error.errno or errno.EIO, str(error))))
+                    if not self._answer_op(sock, frame.seq, op, self._apply(op), strict):
                         return
-                    if error is not None:
-                        self.skipped += 1
-                        log.info("replication: op %d skipped while resyncing: %s", frame.seq,
-                                 error)
-                        nack = wire.encode_nack(error.errno or 0, str(error))
-                        sock.sendall(wire.encode_frame(FrameType.SKIPPED, frame.seq, nack))
                     applied = frame.seq
                     unacked_bytes += len(frame.payload)
                 elif frame.type == FrameType.QUERY:
-                    if frame.payload.startswith(b'{"on":'):  # {"on":bool,"q":"strict"}
-                        strict = wire.decode_json(frame.payload).get("on") is True
-                        reply = b"\0true"
-                    else:
-                        reply = self.tree.query(bytes(frame.payload))
+                    reply, mode = self._query(frame.payload)
+                    strict = strict if mode is None else mode
                     if applied > acked:
                         sock.sendall(wire.encode_frame(FrameType.ACK, applied))
                         acked, unacked_bytes, since = applied, 0, time.monotonic()
@@ -254,6 +302,13 @@ class Applier:
                                         or time.monotonic() - since > 0.005):
                     sock.sendall(wire.encode_frame(FrameType.ACK, applied))
                     acked, unacked_bytes, since = applied, 0, time.monotonic()
+
+    @contextlib.contextmanager
+    def _session_errors(self, sock: tls.Channel | Lane) -> Iterator[None]:
+        """How a served session ends: the primary closed it, a protocol error (told to the
+        primary), or the connection was lost."""
+        try:
+            yield
         except wire.ConnectionClosed:
             log.info("replication: primary closed the connection")
         except wire.WireError as exc:
@@ -321,6 +376,11 @@ class TreeWriter(TreeReader):
         super().__init__(root, writable=True)
         self._dirty_dirs: set[str] = set()
         self.direct = DirectWriter()  # large aligned writes skip the page cache
+
+    @property
+    def names_pending(self) -> bool:
+        """Directories whose entries changed since the last barrier (it must fsync them)."""
+        return bool(self._dirty_dirs)
 
     def _close_file(self, fd: int) -> None:
         self.direct.forget(fd)

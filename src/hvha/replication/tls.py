@@ -122,8 +122,16 @@ def issue_node_cert(ca_dir: Path | str, node_name: str, out_dir: Path | str,
                      node_name)
 
 
-def _base(creds: NodeCreds, protocol: int) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(protocol)
+class NodeContext(ssl.SSLContext):
+    """An SSLContext that remembers the node's credentials (the native lane loads the same
+    files into its own OpenSSL context: lane.py)."""
+
+    creds: NodeCreds | None = None
+
+
+def _base(creds: NodeCreds, protocol: int) -> NodeContext:
+    ctx = NodeContext(protocol)
+    ctx.creds = creds
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.verify_mode = ssl.CERT_REQUIRED
@@ -132,7 +140,7 @@ def _base(creds: NodeCreds, protocol: int) -> ssl.SSLContext:
     return ctx
 
 
-def server_context(creds: NodeCreds) -> ssl.SSLContext:
+def server_context(creds: NodeCreds) -> NodeContext:
     """A server context that requires a client certificate from the cluster CA. The peer's
     node name is checked after the handshake with `check_peer` (the ssl module cannot)."""
     ctx = _base(creds, ssl.PROTOCOL_TLS_SERVER)
@@ -140,7 +148,7 @@ def server_context(creds: NodeCreds) -> ssl.SSLContext:
     return ctx
 
 
-def client_context(creds: NodeCreds) -> ssl.SSLContext:
+def client_context(creds: NodeCreds) -> NodeContext:
     """A client context: the server's certificate must come from the cluster CA and name the
     node passed as server_hostname (see `connect`)."""
     ctx = _base(creds, ssl.PROTOCOL_TLS_CLIENT)
