@@ -24,9 +24,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from hvha.replication import blocks, ops, tls
-from hvha.replication.applier import Applier, TreeWriter
+from hvha.replication.applier import Applier
 from hvha.replication.dirty import DirtyStore
 from hvha.replication.stream import Stream
+from hvha.replication.treewriter import TreeWriter
 
 MIB = 1 << 20
 

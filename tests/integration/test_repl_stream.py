@@ -31,9 +31,10 @@ from pathlib import Path
 import pytest
 
 from hvha.replication import blocks, lane, ops, tls
-from hvha.replication.applier import Applier, TreeWriter, read_only_guard
+from hvha.replication.applier import Applier, read_only_guard
 from hvha.replication.dirty import DirtyStore
 from hvha.replication.stream import Mode, ResyncProgress, Stream
+from hvha.replication.treewriter import TreeWriter
 
 PUNCH = blocks.FALLOC_FL_PUNCH_HOLE | blocks.FALLOC_FL_KEEP_SIZE
 

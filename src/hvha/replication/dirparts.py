@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from hvha.replication import tls, wire
-from hvha.replication.applier import Applier, TreeWriter
+from hvha.replication.applier import Applier
+from hvha.replication.treewriter import TreeWriter
 
 SYNCED_QUERY = "hvha-synced"
 
