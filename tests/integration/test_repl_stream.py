@@ -8,8 +8,9 @@ makes the trees equal again; a full disk on the secondary makes the primary go A
 report the failed op as replicated; wrong CA, wrong node name and plaintext are refused; the
 read-only guard keeps apps on the secondary from writing its copy.
 
-Every test runs twice: with the secondary's session served by the native lane (lane.c, the
-default) and by the Python applier (the fallback where the lane was not built).
+Every test runs four times: both nodes through the native lane (lane.c, the default), both
+in Python (the fallback where the lane was not built), and each mixed with the other (nodes
+of different builds, as during an upgrade: the lane speaks plain TLS 1.3 and the same frames).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from pathlib import Path
 
 import pytest
 
+from hvha.replication import applier as applier_mod
 from hvha.replication import blocks, lane, ops, tls
+from hvha.replication import stream as stream_mod
 from hvha.replication.applier import Applier, read_only_guard
 from hvha.replication.dirty import DirtyStore
 from hvha.replication.stream import Mode, ResyncProgress, Stream
@@ -39,14 +42,17 @@ from hvha.replication.treewriter import TreeWriter
 PUNCH = blocks.FALLOC_FL_PUNCH_HOLE | blocks.FALLOC_FL_KEEP_SIZE
 
 
-@pytest.fixture(autouse=True, params=["native", "python"])
-def applier_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Which implementation serves the secondary's sessions."""
-    if request.param == "native":
-        ok, why = lane.available()
-        assert ok, f"the native lane must be built for these tests: {why}"
-    else:
+@pytest.fixture(autouse=True, params=["native", "python", "native-primary", "native-secondary"])
+def data_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which implementation carries each node's side of the sessions."""
+    if request.param == "python":
         monkeypatch.setenv("HVHA_NATIVE_LANE", "0")
+        return "python"
+    ok, why = lane.available()
+    assert ok, f"the native lane must be built for these tests: {why}"
+    python_side = {"native-primary": applier_mod, "native-secondary": stream_mod}
+    if request.param in python_side:
+        monkeypatch.setattr(python_side[request.param], "creds_of", lambda ctx: None)
     return str(request.param)
 
 

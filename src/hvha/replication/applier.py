@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from hvha.replication import lane, ops, tls, wire
-from hvha.replication.lane import Lane
+from hvha.replication.lane import Lane, creds_of
 from hvha.replication.localfault import FaultLatch
 from hvha.replication.treewriter import TreeWriter
 from hvha.replication.wire import FrameType, Hello
@@ -134,12 +134,11 @@ class Applier:
     def _session(self, conn: socket.socket, addr: Any) -> None:
         with self._lock:
             epoch = self._epoch  # before the hello is judged: see drop_session
-        creds = self.ctx.creds if isinstance(self.ctx, tls.NodeContext) else None
-        native = creds is not None and lane.available()[0]
+        creds = creds_of(self.ctx)
         chan: tls.Channel | Lane
         try:
-            if creds is not None and native:
-                chan = Lane(conn, creds, self.handshake_timeout)
+            if creds is not None:
+                chan = Lane.accept(conn, creds, self.handshake_timeout)
                 try:
                     tls.check_peer(chan, self.peer)
                 except BaseException:

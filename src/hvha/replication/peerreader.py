@@ -23,6 +23,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from hvha.replication import tls, wire
+from hvha.replication.lane import Lane
 
 
 class PeerReader:
@@ -33,8 +34,8 @@ class PeerReader:
     _rx_wake: threading.Condition
     _reading: int  # connection number of the thread reading now, 0: nobody
     _waiters: int  # threads sleeping in _await
-    _sock: tls.Channel | None
-    _reader: wire.FrameReader | None
+    _sock: tls.Channel | Lane | None
+    _reader: wire.FrameReader | Lane | None
     _conn: int
     _pending: dict[int, Any]
     _queries: dict[int, Future[bytes]]
@@ -67,7 +68,8 @@ class PeerReader:
                 self._reading = conn
             self._lead(sock, reader, conn)
 
-    def _lead(self, sock: tls.Channel, reader: wire.FrameReader, conn: int) -> None:
+    def _lead(self, sock: tls.Channel | Lane, reader: wire.FrameReader | Lane,
+              conn: int) -> None:
         """Read and handle one frame (or one read timeout) as the only reader, then step
         down: wake a waiting thread to read next, or the receiver thread if work is left
         that nobody waits for."""
@@ -87,7 +89,7 @@ class PeerReader:
                 # else: nothing outstanding; the receiver goes back to watching the socket
                 # within a second (waking it now would cost a thread switch per op)
 
-    def _read_one(self, reader: wire.FrameReader, conn: int) -> None:
+    def _read_one(self, reader: wire.FrameReader | Lane, conn: int) -> None:
         """Read one frame and handle it; a read timeout (sock.timeout, at most 1 s) returns
         without a frame unless the peer is overdue or the heartbeats declare it dead."""
         try:
@@ -105,7 +107,8 @@ class PeerReader:
             return
         self._handle(frame, conn)
 
-    def _recv_loop(self, sock: tls.Channel, reader: wire.FrameReader, conn: int) -> None:
+    def _recv_loop(self, sock: tls.Channel | Lane, reader: wire.FrameReader | Lane,
+                   conn: int) -> None:
         """The receiver thread of one connection: reads when no waiting thread does (acks
         of ops nobody waits for, query replies, the peer closing an idle connection)."""
         try:
@@ -133,7 +136,7 @@ class PeerReader:
             sock.close()
 
 
-def readable(sock: tls.Channel, timeout: float) -> bool:
+def readable(sock: tls.Channel | Lane, timeout: float) -> bool:
     """Whether a read would find data (or the end of the stream) within `timeout` seconds."""
     if sock.pending():
         return True

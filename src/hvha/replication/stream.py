@@ -38,6 +38,7 @@ from typing import Any
 from hvha.replication import ops, tls, wire
 from hvha.replication.activity import ActivityLog
 from hvha.replication.dirty import DirtyStore
+from hvha.replication.lane import Lane, creds_of
 from hvha.replication.peerreader import PeerReader
 from hvha.replication.streamtypes import (
     Mode,
@@ -88,7 +89,7 @@ class Stream(PeerReader):
         self._rx_wake = threading.Condition(lock)
         self._reading = 0
         self._waiters = 0
-        self._reader: wire.FrameReader | None = None
+        self._reader: wire.FrameReader | Lane | None = None
         self._send_lock = threading.Lock()
         self.mode = Mode.ALONE
         self.in_sync = False
@@ -103,7 +104,7 @@ class Stream(PeerReader):
         self._tickets: dict[int, int] = {}  # seq -> dirty ticket to sync before returning
         self._queries: dict[int, Future[bytes]] = {}
         self._next_qid = 1
-        self._sock: tls.Channel | None = None
+        self._sock: tls.Channel | Lane | None = None
         self._conn = 0
         self._progress_at = time.monotonic()
         self._closed = False
@@ -230,11 +231,21 @@ class Stream(PeerReader):
         """Connect, authenticate and exchange hellos; return the peer's hello. The stream is then
         RESYNCING: run the resync the generations call for, then try_mark_in_sync()."""
         t = self.timeout if timeout is None else timeout
-        sock = tls.connect(self.address, self.ctx, self.peer, t)
+        creds = creds_of(self.ctx)
+        sock: tls.Channel | Lane
+        if creds is not None:  # the native lane (lane.py), else Python's TLS
+            sock = Lane.connect(self.address, creds, self.peer, t)
+            try:
+                tls.check_peer(sock, self.peer)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            sock = tls.connect(self.address, self.ctx, self.peer, t)
         try:
             hello = Hello(self.node, self.module, self.generations())
             sock.sendall(wire.encode_frame(FrameType.HELLO, 0, hello.encode()))
-            reader = wire.FrameReader(sock)
+            reader = sock if isinstance(sock, Lane) else wire.FrameReader(sock)
             frame = reader.read()
             if frame.type != FrameType.HELLO:
                 raise wire.WireError(f"expected HELLO, got {frame.type.name}")
@@ -262,6 +273,8 @@ class Stream(PeerReader):
             self._kick.notify()
             self._progress_at = time.monotonic()
             conn = self._conn
+        log.info("replication %s: connected to %s (%s)", self.module, self.peer,
+                 "native lane" if isinstance(sock, Lane) else "Python TLS")
         rx = threading.Thread(target=self._recv_loop, args=(sock, reader, conn), daemon=True,
                               name="hvha-stream-recv")
         self._threads = [t for t in self._threads if t.is_alive()] + [rx]
@@ -414,6 +427,9 @@ class Stream(PeerReader):
                             if small:
                                 sock.sendall(b"".join(small))
                                 small.clear()
+                            if isinstance(sock, Lane):  # it sends in pieces itself
+                                sock.sendall(p)
+                                continue
                             view = memoryview(p)
                             for i in range(0, len(view), SEND_PIECE):
                                 sock.sendall(view[i:i + SEND_PIECE])

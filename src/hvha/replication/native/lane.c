@@ -1,4 +1,5 @@
-/* The secondary's side of a replication session, in C: TLS, frames, Writes and Fsyncs.
+/* Both ends of a replication session in C: TLS and frames; on the secondary, Writes, Fsyncs
+ * and acks too.
  *
  * Why: every synchronous write crosses the secondary twice per round trip (read the op,
  * write it, send the ack), and in Python that costs about 80-130 us of interpreter per round
@@ -6,8 +7,9 @@
  * reads frames, applies Writes and Fsyncs to files it has open, and sends the cumulative
  * acks. Every other frame (namespace ops, queries) and every case it is not sure of is
  * handed to the Python applier (applier.py via lane.py), which applies it as before and tells
- * this side what it applied. One thread uses a lane at a time; lane_shutdown() may be called
- * from any thread.
+ * this side what it applied. On the primary, the stream (stream.py) sends its frames and reads
+ * the acks through a lane: one thread may read while others send. lane_shutdown() may be
+ * called from any thread; lane_close() only once no other call is in progress (lane.py).
  *
  * Wire format: see wire.py (frame header: type u8, flags u8, reserved u16, seq u64, length
  * u32, big-endian; a Write payload: tag 2, path (u32 + bytes), offset i64, data (u32 + bytes);
@@ -20,6 +22,7 @@
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -34,6 +37,9 @@
 #define HDR 16
 #define MAX_PAYLOAD (8u << 20)
 #define INBUF (512u << 10)
+#define RAW (256u << 10)
+#define OBUF (256u << 10)
+#define SEND_PIECE (256u << 10)
 #define ALIGN 4096u
 #define DIRECT_MIN (128u << 10)
 #define BOUNCE (1u << 20)
@@ -41,8 +47,8 @@
 
 enum { F_HELLO = 1, F_OP, F_ACK, F_NACK, F_QUERY, F_REPLY, F_ERROR, F_SKIPPED };
 enum { T_CREATE = 1, T_WRITE = 2, T_FSYNC = 16 };
-enum { LANE_EOF = 0, LANE_ERR = -1 };
-enum { E_OS = 1, E_PROTOCOL = 2, E_TLS = 3 };
+enum { LANE_EOF = 0, LANE_ERR = -1, LANE_TIMEOUT = -2 };
+enum { E_OS = 1, E_PROTOCOL = 2, E_TLS = 3, E_TIMEOUT = 4 };
 
 struct file {
 	char *path;
@@ -54,8 +60,13 @@ struct lane {
 	int fd;
 	SSL_CTX *ctx;
 	SSL *ssl;
+	BIO *rbio, *wbio; /* ciphertext in and out (owned by ssl) */
+	pthread_mutex_t mu, send_mu;
+	unsigned char *raw, *obuf; /* ciphertext received / to send */
 	unsigned char *in; /* decrypted bytes in[pos, len) not yet consumed */
 	size_t pos, len;
+	int partial; /* a frame is being read: 1 into in[], 2 into big (after a timeout) */
+	size_t big_have;
 	unsigned char *big, *bounce; /* aligned: large payloads, direct writes of unaligned data */
 	int ftype, failed; /* the frame handed out, and the errno of its failed fast apply */
 	uint64_t fseq;
@@ -84,16 +95,6 @@ static int fail(struct lane *l, int kind, const char *fmt, ...)
 	return LANE_ERR;
 }
 
-static void tls_reason(char *buf, size_t n)
-{
-	unsigned long e = ERR_get_error();
-	if (e)
-		ERR_error_string_n(e, buf, n);
-	else
-		snprintf(buf, n, "%s", strerror(errno ? errno : EPROTO));
-	ERR_clear_error();
-}
-
 static uint32_t be32(const unsigned char *p)
 {
 	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
@@ -112,8 +113,79 @@ static void put64(unsigned char *p, uint64_t v)
 
 /* --------------------------------------------------------------------------- session */
 
-struct lane *lane_open(int fd, const char *cert, const char *key, const char *ca, char *err,
-		       size_t errlen)
+/* TLS runs over memory BIOs: the SSL object is only touched under `mu`, and the socket I/O
+ * happens outside it, so one thread may read while another writes (the primary's stream
+ * does: acks are read while ops are sent). `send_mu` keeps records in order on the socket. */
+
+static int send_all(struct lane *l, const unsigned char *p, size_t n)
+{
+	while (n) {
+		ssize_t w = send(l->fd, p, n, MSG_NOSIGNAL);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+			return fail(l, E_TIMEOUT, "send timed out");
+		if (w <= 0)
+			return fail(l, E_OS, "send failed: %s", strerror(w < 0 ? errno : EPIPE));
+		p += w;
+		n -= (size_t)w;
+	}
+	return 1;
+}
+
+/* Send what TLS has produced (hold send_mu). */
+static int drain(struct lane *l)
+{
+	for (;;) {
+		pthread_mutex_lock(&l->mu);
+		int k = BIO_read(l->wbio, l->obuf, OBUF);
+		pthread_mutex_unlock(&l->mu);
+		if (k <= 0)
+			return 1;
+		if (send_all(l, l->obuf, (size_t)k) != 1)
+			return LANE_ERR;
+	}
+}
+
+static int flush_out(struct lane *l)
+{
+	pthread_mutex_lock(&l->send_mu);
+	int rc = drain(l);
+	pthread_mutex_unlock(&l->send_mu);
+	return rc;
+}
+
+/* One recv() of ciphertext into the SSL object: 1, LANE_EOF, LANE_TIMEOUT or LANE_ERR. */
+static int feed(struct lane *l)
+{
+	ssize_t k;
+	do
+		k = recv(l->fd, l->raw, RAW, 0);
+	while (k < 0 && errno == EINTR);
+	if (k == 0)
+		return LANE_EOF;
+	if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+		return LANE_TIMEOUT;
+	if (k < 0)
+		return fail(l, E_OS, "connection lost: %s", strerror(errno));
+	pthread_mutex_lock(&l->mu);
+	BIO_write(l->rbio, l->raw, (int)k);
+	pthread_mutex_unlock(&l->mu);
+	return 1;
+}
+
+static void tls_reason(char *buf, size_t n)
+{
+	unsigned long e = ERR_get_error();
+	if (e)
+		ERR_error_string_n(e, buf, n);
+	else
+		snprintf(buf, n, "%s", strerror(errno ? errno : EPROTO));
+	ERR_clear_error();
+}
+
+struct lane *lane_open(int fd, int client, const char *cert, const char *key, const char *ca,
+		       const char *peer, char *err, size_t errlen)
 {
 	struct lane *l = calloc(1, sizeof *l);
 	if (!l) {
@@ -126,10 +198,14 @@ struct lane *lane_open(int fd, const char *cert, const char *key, const char *ca
 	l->expected = -1;
 	for (int i = 0; i < NFILES; i++)
 		l->files[i].fd = l->files[i].twin = -1;
+	pthread_mutex_init(&l->mu, NULL);
+	pthread_mutex_init(&l->send_mu, NULL);
 	l->in = malloc(INBUF);
-	l->ctx = SSL_CTX_new(TLS_server_method());
+	l->raw = malloc(RAW);
+	l->obuf = malloc(OBUF);
+	l->ctx = SSL_CTX_new(client ? TLS_client_method() : TLS_server_method());
 	const char *what = "TLS context";
-	if (!l->in || !l->ctx)
+	if (!l->in || !l->raw || !l->obuf || !l->ctx)
 		goto bad;
 	SSL_CTX_set_min_proto_version(l->ctx, TLS1_3_VERSION);
 	SSL_CTX_set_max_proto_version(l->ctx, TLS1_3_VERSION);
@@ -147,26 +223,60 @@ struct lane *lane_open(int fd, const char *cert, const char *key, const char *ca
 		goto bad;
 	what = "handshake";
 	l->ssl = SSL_new(l->ctx);
-	if (!l->ssl || SSL_set_fd(l->ssl, fd) != 1)
+	l->rbio = BIO_new(BIO_s_mem());
+	l->wbio = BIO_new(BIO_s_mem());
+	if (!l->ssl || !l->rbio || !l->wbio)
 		goto bad;
-	SSL_set_mode(l->ssl, SSL_MODE_AUTO_RETRY);
-	if (SSL_accept(l->ssl) != 1)
-		goto bad;
+	BIO_set_mem_eof_return(l->rbio, -1);
+	SSL_set_bio(l->ssl, l->rbio, l->wbio);
+	if (client) { /* the server's certificate must name the peer node */
+		if (SSL_set1_host(l->ssl, peer) != 1 || SSL_set_tlsext_host_name(l->ssl, peer) != 1)
+			goto bad;
+		SSL_set_connect_state(l->ssl);
+	} else {
+		SSL_set_accept_state(l->ssl);
+	}
+	for (;;) {
+		ERR_clear_error();
+		int rc = SSL_do_handshake(l->ssl);
+		int e = rc == 1 ? 0 : SSL_get_error(l->ssl, rc);
+		if (e != 0 && e != SSL_ERROR_WANT_READ)
+			goto bad;
+		if (flush_out(l) != 1) {
+			snprintf(err, errlen, "handshake: %s", l->err);
+			goto free;
+		}
+		if (rc == 1)
+			break;
+		int f = feed(l);
+		if (f != 1) {
+			snprintf(err, errlen, "handshake: %s", f == LANE_EOF ? "the peer closed the "
+				 "connection" : f == LANE_TIMEOUT ? "timed out" : l->err);
+			goto free;
+		}
+	}
 	clock_gettime(CLOCK_MONOTONIC, &l->since);
 	return l;
 bad: {
 	char reason[256];
 	tls_reason(reason, sizeof reason);
 	snprintf(err, errlen, "%s: %s", what, reason);
+}
+free:
 	if (l->ssl)
-		SSL_free(l->ssl);
+		SSL_free(l->ssl); /* frees the BIOs it owns */
+	else {
+		BIO_free(l->rbio);
+		BIO_free(l->wbio);
+	}
 	if (l->ctx)
 		SSL_CTX_free(l->ctx);
 	free(l->in);
+	free(l->raw);
+	free(l->obuf);
 	close(fd);
 	free(l);
 	return NULL;
-}
 }
 
 /* The peer's certificate (DER) into buf; its length, 0 if none, -1 if buf is too small. */
@@ -211,7 +321,11 @@ void lane_close(struct lane *l)
 	SSL_free(l->ssl);
 	SSL_CTX_free(l->ctx);
 	close(l->fd);
+	pthread_mutex_destroy(&l->mu);
+	pthread_mutex_destroy(&l->send_mu);
 	free(l->in);
+	free(l->raw);
+	free(l->obuf);
 	free(l->big);
 	free(l->bounce);
 	free(l);
@@ -225,19 +339,31 @@ const char *lane_error(struct lane *l, int *kind)
 
 /* ---------------------------------------------------------------------------- frames */
 
+/* Encrypt and send data, in pieces so the peer decrypts the first while this side encrypts
+ * the next. Any thread; records stay in order. */
 int lane_send(struct lane *l, const unsigned char *data, size_t n)
 {
-	while (n) {
-		size_t done = 0;
-		if (SSL_write_ex(l->ssl, data, n > (1u << 20) ? (1u << 20) : n, &done) != 1) {
-			char reason[256];
+	int rc = 1;
+	pthread_mutex_lock(&l->send_mu);
+	while (n && rc == 1) {
+		size_t k = n > SEND_PIECE ? SEND_PIECE : n, done = 0;
+		pthread_mutex_lock(&l->mu);
+		ERR_clear_error();
+		int ok = SSL_write_ex(l->ssl, data, k, &done);
+		char reason[256] = "";
+		if (ok != 1)
 			tls_reason(reason, sizeof reason);
-			return fail(l, E_TLS, "send failed: %s", reason);
+		pthread_mutex_unlock(&l->mu);
+		if (ok != 1) {
+			rc = fail(l, E_TLS, "send failed: %s", reason);
+			break;
 		}
+		rc = drain(l);
 		data += done;
 		n -= done;
 	}
-	return 1;
+	pthread_mutex_unlock(&l->send_mu);
+	return rc;
 }
 
 static int send_frame(struct lane *l, int type, uint64_t seq)
@@ -247,30 +373,36 @@ static int send_frame(struct lane *l, int type, uint64_t seq)
 	return lane_send(l, h, HDR);
 }
 
-/* One SSL_read into dst (at most n bytes): >0 bytes, LANE_EOF, or LANE_ERR. */
+/* Decrypt at most n bytes into dst (one thread reads at a time): >0 bytes, LANE_EOF,
+ * LANE_TIMEOUT (nothing lost: call again) or LANE_ERR. */
 static long tls_read(struct lane *l, unsigned char *dst, size_t n)
 {
-	size_t got = 0;
-	errno = 0;
-	int rc = SSL_read_ex(l->ssl, dst, n, &got);
-	if (rc == 1)
-		return (long)got;
-	int e = SSL_get_error(l->ssl, rc);
-	if (e == SSL_ERROR_ZERO_RETURN || (e == SSL_ERROR_SYSCALL && errno == 0 &&
-					   ERR_peek_error() == 0)) {
+	for (;;) {
+		size_t got = 0;
+		pthread_mutex_lock(&l->mu);
 		ERR_clear_error();
-		return LANE_EOF;
+		int rc = SSL_read_ex(l->ssl, dst, n, &got);
+		int e = rc == 1 ? 0 : SSL_get_error(l->ssl, rc);
+		char reason[256] = "";
+		if (e != 0 && e != SSL_ERROR_WANT_READ && e != SSL_ERROR_ZERO_RETURN)
+			tls_reason(reason, sizeof reason);
+		int out = BIO_ctrl_pending(l->wbio) > 0;
+		pthread_mutex_unlock(&l->mu);
+		if (out && flush_out(l) != 1) /* an alert or a key update to answer */
+			return LANE_ERR;
+		if (rc == 1)
+			return (long)got;
+		if (e == SSL_ERROR_ZERO_RETURN)
+			return LANE_EOF;
+		if (e != SSL_ERROR_WANT_READ)
+			return fail(l, E_TLS, "TLS: %s", reason);
+		int f = feed(l);
+		if (f != 1)
+			return f;
 	}
-	if (e == SSL_ERROR_SYSCALL && errno) {
-		ERR_clear_error();
-		return fail(l, E_OS, "connection lost: %s", strerror(errno));
-	}
-	char reason[256];
-	tls_reason(reason, sizeof reason);
-	return fail(l, E_TLS, "TLS: %s", reason);
 }
 
-/* Make in[pos, pos + need) available; 1, LANE_EOF or LANE_ERR. */
+/* Make in[pos, pos + need) available; 1, LANE_EOF, LANE_TIMEOUT or LANE_ERR. */
 static int fill(struct lane *l, size_t need)
 {
 	if (l->pos + need > INBUF) {
@@ -299,56 +431,64 @@ static uint32_t write_start(const unsigned char *p, size_t have, uint32_t plen)
 	return (uint32_t)start;
 }
 
-/* Read the next frame: its type, LANE_EOF, or LANE_ERR. Its payload stays valid until the
- * next call. A large Write is received so that its data's first aligned file offset falls on
- * a page boundary (direct writes go from the frame itself). */
+/* Read the next frame: its type, LANE_EOF, LANE_TIMEOUT (call again: the partial frame is
+ * kept) or LANE_ERR. Its payload stays valid until the next call. A large Write is received
+ * so that its data's first aligned file offset falls on a page boundary (direct writes go
+ * from the frame itself). */
 int lane_next(struct lane *l)
 {
-	l->pos += l->consume;
-	l->consume = 0;
-	l->failed = 0;
-	int rc = fill(l, HDR);
-	if (rc <= 0)
-		return rc;
-	const unsigned char *h = l->in + l->pos;
-	int type = h[0];
-	uint32_t plen = be32(h + 12);
-	if (type < F_HELLO || type > F_SKIPPED)
-		return fail(l, E_PROTOCOL, "unknown frame type %d", type);
-	if (plen > MAX_PAYLOAD)
-		return fail(l, E_PROTOCOL, "frame of %u bytes exceeds the %u limit", plen,
-			    MAX_PAYLOAD);
-	l->ftype = type;
-	l->fseq = be64(h + 4);
-	l->plen = plen;
-	if (plen <= INBUF - HDR) {
-		if ((rc = fill(l, HDR + plen)) <= 0)
+	int rc;
+	if (l->partial == 0) {
+		l->pos += l->consume;
+		l->consume = 0;
+		l->failed = 0;
+		if ((rc = fill(l, HDR)) <= 0)
+			return rc;
+		const unsigned char *h = l->in + l->pos;
+		int type = h[0];
+		uint32_t plen = be32(h + 12);
+		if (type < F_HELLO || type > F_SKIPPED)
+			return fail(l, E_PROTOCOL, "unknown frame type %d", type);
+		if (plen > MAX_PAYLOAD)
+			return fail(l, E_PROTOCOL, "frame of %u bytes exceeds the %u limit", plen,
+				    MAX_PAYLOAD);
+		l->ftype = type;
+		l->fseq = be64(h + 4);
+		l->plen = plen;
+		l->partial = 1;
+		if (plen > INBUF - HDR) {
+			if (!l->big && posix_memalign((void **)&l->big, ALIGN, MAX_PAYLOAD + ALIGN))
+				return fail(l, E_OS, "out of memory");
+			size_t have = l->len - l->pos - HDR;
+			const unsigned char *head = l->in + l->pos + HDR;
+			uint32_t start = type == F_OP ? write_start(head, have, plen) : 0;
+			size_t pad = 0;
+			if (start) {
+				uint64_t off = be64(head + start - 12);
+				pad = (ALIGN - (start + (ALIGN - off % ALIGN) % ALIGN) % ALIGN) % ALIGN;
+			}
+			l->payload = l->big + pad;
+			memcpy(l->payload, head, have);
+			l->big_have = have;
+			l->pos = l->len = 0;
+			l->partial = 2;
+		}
+	}
+	if (l->partial == 1) {
+		if ((rc = fill(l, HDR + l->plen)) <= 0)
 			return rc;
 		l->payload = l->in + l->pos + HDR;
-		l->consume = HDR + plen;
-		return type;
+		l->consume = HDR + l->plen;
+	} else {
+		while (l->big_have < l->plen) {
+			long n = tls_read(l, l->payload + l->big_have, l->plen - l->big_have);
+			if (n <= 0)
+				return (int)n;
+			l->big_have += (size_t)n;
+		}
 	}
-	if (!l->big && posix_memalign((void **)&l->big, ALIGN, MAX_PAYLOAD + ALIGN))
-		return fail(l, E_OS, "out of memory");
-	size_t have = l->len - l->pos - HDR;
-	const unsigned char *head = l->in + l->pos + HDR;
-	uint32_t start = type == F_OP ? write_start(head, have, plen) : 0;
-	size_t pad = 0;
-	if (start) {
-		uint64_t off = be64(head + start - 12);
-		pad = (ALIGN - (start + ((ALIGN - off % ALIGN) % ALIGN)) % ALIGN) % ALIGN;
-	}
-	unsigned char *dst = l->big + pad;
-	memcpy(dst, head, have);
-	l->pos = l->len = 0;
-	while (have < plen) {
-		long n = tls_read(l, dst + have, plen - have);
-		if (n <= 0)
-			return (int)n;
-		have += (size_t)n;
-	}
-	l->payload = dst;
-	return type;
+	l->partial = 0;
+	return l->ftype;
 }
 
 /* ---------------------------------------------------------------------------- apply */
@@ -539,9 +679,15 @@ static double since_ms(struct lane *l)
 	       (double)(now.tv_nsec - l->since.tv_nsec) / 1e6;
 }
 
+/* Bytes received (plain or still encrypted) that the next lane_next() would start from. */
 int lane_pending(struct lane *l)
 {
-	return l->len - l->pos - l->consume > 0 || SSL_pending(l->ssl) > 0;
+	if (l->partial || l->len - l->pos - l->consume > 0)
+		return 1;
+	pthread_mutex_lock(&l->mu);
+	int p = SSL_pending(l->ssl) > 0 || BIO_ctrl_pending(l->rbio) > 0;
+	pthread_mutex_unlock(&l->mu);
+	return p;
 }
 
 /* Acknowledge what is applied if it is time to: nothing more is waiting to be read, or
