@@ -62,6 +62,7 @@ struct lane {
 	SSL *ssl;
 	BIO *rbio, *wbio; /* ciphertext in and out (owned by ssl) */
 	pthread_mutex_t mu, send_mu;
+	int reply_due; /* bytes the reader produced wait in wbio for the next sender */
 	unsigned char *raw, *obuf; /* ciphertext received / to send */
 	unsigned char *in; /* decrypted bytes in[pos, len) not yet consumed */
 	size_t pos, len;
@@ -153,6 +154,19 @@ static int flush_out(struct lane *l)
 	int rc = drain(l);
 	pthread_mutex_unlock(&l->send_mu);
 	return rc;
+}
+
+/* Send what reading produced. Never wait for send_mu here: a sender holding it may be
+ * blocked on a full socket until this thread reads; it sends the bytes itself (drain reads
+ * all of wbio), and `reply_due` makes it look again after letting go of send_mu. */
+static void reply(struct lane *l)
+{
+	if (pthread_mutex_trylock(&l->send_mu) == 0) {
+		drain(l);
+		pthread_mutex_unlock(&l->send_mu);
+	} else {
+		__atomic_store_n(&l->reply_due, 1, __ATOMIC_SEQ_CST);
+	}
 }
 
 /* One recv() of ciphertext into the SSL object: 1, LANE_EOF, LANE_TIMEOUT or LANE_ERR. */
@@ -363,6 +377,8 @@ int lane_send(struct lane *l, const unsigned char *data, size_t n)
 		n -= done;
 	}
 	pthread_mutex_unlock(&l->send_mu);
+	if (__atomic_exchange_n(&l->reply_due, 0, __ATOMIC_SEQ_CST))
+		flush_out(l);
 	return rc;
 }
 
@@ -380,16 +396,19 @@ static long tls_read(struct lane *l, unsigned char *dst, size_t n)
 	for (;;) {
 		size_t got = 0;
 		pthread_mutex_lock(&l->mu);
+		size_t before = BIO_ctrl_pending(l->wbio);
 		ERR_clear_error();
 		int rc = SSL_read_ex(l->ssl, dst, n, &got);
 		int e = rc == 1 ? 0 : SSL_get_error(l->ssl, rc);
 		char reason[256] = "";
 		if (e != 0 && e != SSL_ERROR_WANT_READ && e != SSL_ERROR_ZERO_RETURN)
 			tls_reason(reason, sizeof reason);
-		int out = BIO_ctrl_pending(l->wbio) > 0;
+		/* did reading produce something to send (an alert, a key update)? Senders' own
+		 * records may sit in wbio too: those are theirs to send */
+		int out = BIO_ctrl_pending(l->wbio) > before;
 		pthread_mutex_unlock(&l->mu);
-		if (out && flush_out(l) != 1) /* an alert or a key update to answer */
-			return LANE_ERR;
+		if (out)
+			reply(l);
 		if (rc == 1)
 			return (long)got;
 		if (e == SSL_ERROR_ZERO_RETURN)

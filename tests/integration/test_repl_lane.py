@@ -1,0 +1,143 @@
+"""The native lane's session (lane.py, native/lane.c) over real TLS on loopback.
+
+Why these tests: the lane keeps a frame that a read timeout interrupted and resumes it, lets
+one thread read while others send (memory BIOs under a lock), and may be closed by one thread
+while another is blocked in it; each of those, done wrong, loses or corrupts a frame or
+crashes the agent. The peer is Python's own TLS (tls.Channel + wire.FrameReader), which also
+shows the two implementations interoperate frame for frame. The full replication paths run
+through the lane in test_repl_stream.py and the e2e tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from hvha.replication import lane, tls, wire
+from hvha.replication.lane import Lane
+from hvha.replication.wire import FrameType
+
+MIB = 1 << 20
+
+pytestmark = pytest.mark.skipif(not lane.available()[0],
+                                reason=f"native lane not built: {lane.available()[1]}")
+
+
+@pytest.fixture
+def pair(certs: dict[str, tls.NodeCreds]) -> Iterator[tuple[Lane, tls.Channel]]:
+    """A Lane client (node1) connected to a Python TLS server (node2)."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    got: dict[str, tls.Channel] = {}
+
+    def accept() -> None:
+        raw, _ = srv.accept()
+        got["server"] = tls.accept(raw, tls.server_context(certs["node2"]), "node1", 10)
+
+    t = threading.Thread(target=accept)
+    t.start()
+    client = Lane.connect(srv.getsockname(), certs["node1"], "node2", 10)
+    t.join(10)
+    srv.close()
+    tls.check_peer(client, "node2")
+    try:
+        yield client, got["server"]
+    finally:
+        client.close()
+        got["server"].close()
+
+
+def test_a_frame_cut_by_a_read_timeout_is_resumed(pair: tuple[Lane, tls.Channel]) -> None:
+    client, server = pair
+    client.timeout = 0.2
+    cases = [(b"small" * 100, [10, 100]),  # inside the header, inside the payload
+             (random.Random(1).randbytes(3 * MIB + 5), [100, 200_000, 2 * MIB])]  # large
+    for payload, cuts in cases:
+        raw = wire.encode_frame(FrameType.REPLY, 42, payload)
+        for a, b in zip([0, *cuts], cuts, strict=False):
+            server.sendall(raw[a:b])  # part of the frame, then nothing for a while
+            with pytest.raises(TimeoutError):
+                client.read()
+        server.sendall(raw[cuts[-1]:])
+        assert client.read() == wire.Frame(FrameType.REPLY, 42, payload)
+
+
+def test_one_thread_reads_while_others_send(pair: tuple[Lane, tls.Channel]) -> None:
+    """The server echoes every frame; three threads send through the lane at once while the
+    main thread reads the echoes: every frame comes back intact (each thread's in order)."""
+    client, server = pair
+    reader = wire.FrameReader(server)
+    n_each = 300
+
+    def echo() -> None:
+        for _ in range(3 * n_each):
+            f = reader.read()
+            server.sendall(wire.encode_frame(f.type, f.seq, bytes(f.payload)))
+
+    def send(k: int) -> None:
+        rng = random.Random(k)
+        for i in range(n_each):
+            size = rng.choice([0, 16, 4096, 70_000, 300_000])
+            client.sendall(wire.encode_frame(FrameType.OP, k * 10_000 + i,
+                                             bytes([k]) * size))
+
+    threads = [threading.Thread(target=echo)] + [
+        threading.Thread(target=send, args=(k,)) for k in (1, 2, 3)]
+    for t in threads:
+        t.start()
+    last = {1: -1, 2: -1, 3: -1}
+    for _ in range(3 * n_each):
+        f = client.read()
+        k, i = divmod(f.seq, 10_000)
+        assert i == last[k] + 1, f"thread {k}'s frames out of order"
+        assert f.payload == bytes([k]) * len(f.payload)
+        last[k] = i
+    for t in threads:
+        t.join(10)
+
+
+def test_closing_from_another_thread_wakes_a_blocked_read(
+        pair: tuple[Lane, tls.Channel]) -> None:
+    client, _server = pair
+    client.timeout = None
+    errors: list[BaseException] = []
+
+    def blocked() -> None:
+        try:
+            client.read()
+        except BaseException as exc:  # what the read raised is the result
+            errors.append(exc)
+
+    t = threading.Thread(target=blocked)
+    t.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    client.close()  # the handle is freed once the blocked call returns, not under it
+    t.join(5)
+    assert not t.is_alive() and time.monotonic() - t0 < 5
+    assert len(errors) == 1 and isinstance(errors[0], (wire.ConnectionClosed, ConnectionError))
+    with pytest.raises(wire.ConnectionClosed):
+        client.read()
+    with pytest.raises(wire.ConnectionClosed):
+        client.sendall(b"x")
+
+
+def test_the_server_must_name_the_expected_node(certs: dict[str, tls.NodeCreds]) -> None:
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def accept() -> None:
+        raw, _ = srv.accept()
+        with contextlib.suppress(OSError, tls.PeerRejected):
+            tls.accept(raw, tls.server_context(certs["node3"]), "node1", 5)
+
+    t = threading.Thread(target=accept)
+    t.start()
+    with pytest.raises(OSError, match="handshake"):
+        Lane.connect(srv.getsockname(), certs["node1"], "node2", 5)  # node3 answers
+    t.join(10)
+    srv.close()
