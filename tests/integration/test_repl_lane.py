@@ -16,11 +16,14 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from tests.integration.test_repl_stream import make_pair, random_ops, tree_digest, use_data_path
 
-from hvha.replication import lane, tls, wire
+from hvha.replication import lane, ops, tls, wire
 from hvha.replication.lane import Lane
+from hvha.replication.stream import Mode
 from hvha.replication.wire import FrameType
 
 MIB = 1 << 20
@@ -141,3 +144,22 @@ def test_the_server_must_name_the_expected_node(certs: dict[str, tls.NodeCreds])
         Lane.connect(srv.getsockname(), certs["node1"], "node2", 5)  # node3 answers
     t.join(10)
     srv.close()
+
+
+@pytest.mark.parametrize("which", ["native-primary", "native-secondary"])
+def test_nodes_with_and_without_the_lane_replicate_to_each_other(
+        tmp_path: Path, certs: dict[str, tls.NodeCreds], monkeypatch: pytest.MonkeyPatch,
+        which: str) -> None:
+    """Nodes of different builds (one without the lane), as during an upgrade: same TLS 1.3,
+    same frames, the same result."""
+    use_data_path(which, monkeypatch)
+    with make_pair(tmp_path, certs) as pair:
+        pair.stream.connect()
+        assert isinstance(pair.stream._sock, Lane) == (which == "native-primary")
+        assert pair.stream.try_mark_in_sync()
+        random_ops(pair, random.Random(11), 300)
+        pair.do(ops.Fsync(None))
+        assert (pair.applier.served_by == "native lane") == (which == "native-secondary")
+        st = pair.stream.status()
+        assert st.mode is Mode.CONNECTED and st.in_sync and pair.dirty.is_clean()
+        assert tree_digest(pair.prim) == tree_digest(pair.sec)

@@ -8,9 +8,8 @@ makes the trees equal again; a full disk on the secondary makes the primary go A
 report the failed op as replicated; wrong CA, wrong node name and plaintext are refused; the
 read-only guard keeps apps on the secondary from writing its copy.
 
-Every test runs four times: both nodes through the native lane (lane.c, the default), both
-in Python (the fallback where the lane was not built), and each mixed with the other (nodes
-of different builds, as during an upgrade: the lane speaks plain TLS 1.3 and the same frames).
+Every test runs twice: both nodes through the native lane (lane.c, the default) and both in
+Python (the fallback where the lane was not built); test_repl_lane.py mixes the two.
 """
 
 from __future__ import annotations
@@ -42,17 +41,22 @@ from hvha.replication.treewriter import TreeWriter
 PUNCH = blocks.FALLOC_FL_PUNCH_HOLE | blocks.FALLOC_FL_KEEP_SIZE
 
 
-@pytest.fixture(autouse=True, params=["native", "python", "native-primary", "native-secondary"])
-def data_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Which implementation carries each node's side of the sessions."""
-    if request.param == "python":
+def use_data_path(which: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which implementation carries each node's side of the sessions: "native", "python",
+    "native-primary" or "native-secondary" (the other node in Python)."""
+    if which == "python":
         monkeypatch.setenv("HVHA_NATIVE_LANE", "0")
-        return "python"
+        return
     ok, why = lane.available()
     assert ok, f"the native lane must be built for these tests: {why}"
     python_side = {"native-primary": applier_mod, "native-secondary": stream_mod}
-    if request.param in python_side:
-        monkeypatch.setattr(python_side[request.param], "creds_of", lambda ctx: None)
+    if which in python_side:
+        monkeypatch.setattr(python_side[which], "creds_of", lambda ctx: None)
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def data_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    use_data_path(str(request.param), monkeypatch)
     return str(request.param)
 
 

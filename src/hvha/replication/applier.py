@@ -72,6 +72,7 @@ class Applier:
         self._threads: list[threading.Thread] = []
         self.last_error: str = ""
         self.sessions = 0
+        self.served_by = ""  # the last session's implementation (lane.py), for logs and tests
         self.skipped = 0
 
     def start(self) -> tuple[str, int]:
@@ -168,9 +169,9 @@ class Applier:
                 if self._stop.is_set() or epoch != self._epoch:
                     return
                 self.sessions += 1
-                log.info("replication: serving %s's session (%s)", self.peer,
-                         "native lane" if isinstance(chan, Lane) else
-                         f"Python applier: {lane.available()[1] or 'no credentials file'}")
+                self.served_by = ("native lane" if isinstance(chan, Lane) else
+                                  f"Python applier: {lane.available()[1] or 'no credentials'}")
+                log.info("replication: serving %s's session (%s)", self.peer, self.served_by)
                 if isinstance(chan, Lane):
                     self._serve_native(chan)
                 elif isinstance(reader, wire.FrameReader):
