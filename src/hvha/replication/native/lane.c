@@ -69,6 +69,7 @@ struct lane {
 	int partial; /* a frame is being read: 1 into in[], 2 into big (after a timeout) */
 	size_t big_have;
 	unsigned char *big, *bounce; /* aligned: large payloads, direct writes of unaligned data */
+	size_t big_cap;
 	int ftype, failed; /* the frame handed out, and the errno of its failed fast apply */
 	uint64_t fseq;
 	unsigned char *payload;
@@ -476,8 +477,18 @@ int lane_next(struct lane *l)
 		l->plen = plen;
 		l->partial = 1;
 		if (plen > INBUF - HDR) {
-			if (!l->big && posix_memalign((void **)&l->big, ALIGN, MAX_PAYLOAD + ALIGN))
-				return fail(l, E_OS, "out of memory");
+			/* kept for the next large frame, grown to the largest seen (writes are
+			 * usually 1-4 MiB: no 8 MiB per session unless frames are that large) */
+			size_t need = ((size_t)plen + 2 * ALIGN + (1u << 20) - 1) & ~(size_t)((1u << 20) - 1);
+			if (need > l->big_cap) {
+				free(l->big);
+				l->big_cap = 0;
+				if (posix_memalign((void **)&l->big, ALIGN, need)) {
+					l->big = NULL;
+					return fail(l, E_OS, "out of memory");
+				}
+				l->big_cap = need;
+			}
 			size_t have = l->len - l->pos - HDR;
 			const unsigned char *head = l->in + l->pos + HDR;
 			uint32_t start = type == F_OP ? write_start(head, have, plen) : 0;
