@@ -163,3 +163,45 @@ def test_nodes_with_and_without_the_lane_replicate_to_each_other(
         st = pair.stream.status()
         assert st.mode is Mode.CONNECTED and st.in_sync and pair.dirty.is_clean()
         assert tree_digest(pair.prim) == tree_digest(pair.sec)
+
+
+def _payload(case: str) -> bytes:
+    if case == "fsync flag 2":  # an Fsync whose "path present" byte is neither 0 nor 1
+        good = wire.encode_op(ops.Fsync(None))  # tag, 0 (no path), 0 (not datasync)
+        return good[:1] + b"\x02" + good[2:]
+    if case == "write length":  # a Write whose data length disagrees with the frame's
+        good = wire.encode_op(ops.Write("f", 0, b"x" * 300_000))
+        return good[:-1]
+    path = {"escape": "../escape", "absolute": "/abs", "through a symlink": "link/escape"}[case]
+    return wire.encode_op(ops.Write(path, 0, b"y" * 200_000))
+
+
+@pytest.mark.parametrize("case", ["fsync flag 2", "write length", "escape", "absolute",
+                                  "through a symlink"])
+def test_the_native_secondary_refuses_what_the_python_one_refuses(
+        tmp_path: Path, certs: dict[str, tls.NodeCreds], case: str) -> None:
+    """Malformed ops end the session with a protocol error; unsafe paths are never written
+    (the lane leaves anything it does not fully understand to the Python applier)."""
+    from hvha.replication.applier import Applier
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "f").write_bytes(b"")
+    (root / "link").symlink_to(outside)
+    with Applier(root, node="node2", peer="node1", module="m",
+                 ctx=tls.server_context(certs["node2"])) as app:
+        chan = tls.connect(app.address, tls.client_context(certs["node1"]), "node2", 5)
+        with chan:
+            chan.sendall(wire.encode_frame(FrameType.HELLO, 0,
+                                           wire.Hello("node1", "m", {}).encode()))
+            reader = wire.FrameReader(chan)
+            assert wire.decode_hello(reader.read().payload).accept
+            chan.sendall(wire.encode_frame(FrameType.OP, 1, _payload(case)))
+            got = reader.read()
+        assert app.served_by == "native lane"
+    if case in ("fsync flag 2", "write length"):
+        assert got.type == FrameType.ERROR, got
+    else:
+        assert got.type in (FrameType.NACK, FrameType.SKIPPED), got
+    assert list(outside.iterdir()) == [] and (root / "f").read_bytes() == b""
+    assert sorted(p.name for p in root.iterdir()) == ["f", "link"]

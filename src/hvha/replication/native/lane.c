@@ -685,15 +685,16 @@ static int apply_fsync(struct lane *l, int dirs_dirty)
 	const unsigned char *p = l->payload;
 	if (dirs_dirty || l->plen < 3)
 		return 0;
+	/* anything but a well-formed Fsync goes to the Python side, which refuses it */
 	if (p[1] == 0) { /* no path: every file (syncfs) */
-		if (l->plen != 3 || l->root < 0)
+		if (l->plen != 3 || p[2] > 1 || l->root < 0)
 			return 0;
 		return syncfs(l->root) ? -errno : 1;
 	}
-	if (l->plen < 7)
+	if (p[1] != 1 || l->plen < 7)
 		return 0;
 	uint32_t n = be32(p + 2);
-	if ((uint64_t)7 + n != l->plen)
+	if ((uint64_t)7 + n != l->plen || p[6 + n] > 1)
 		return 0;
 	struct file *f = file_of(l, p + 6, n, 0);
 	if (!f)
