@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from tests.integration.test_repl_stream import make_pair, random_ops, tree_digest, use_data_path
+from tests.unit.test_tls_channel_fast import node2_server
 
 from hvha.replication import lane, ops, tls, wire
 from hvha.replication.lane import Lane
@@ -35,18 +36,8 @@ pytestmark = pytest.mark.skipif(not lane.available()[0],
 @pytest.fixture
 def pair(certs: dict[str, tls.NodeCreds]) -> Iterator[tuple[Lane, tls.Channel]]:
     """A Lane client (node1) connected to a Python TLS server (node2)."""
-    srv = socket.create_server(("127.0.0.1", 0))
-    got: dict[str, tls.Channel] = {}
-
-    def accept() -> None:
-        raw, _ = srv.accept()
-        got["server"] = tls.accept(raw, tls.server_context(certs["node2"]), "node1", 10)
-
-    t = threading.Thread(target=accept)
-    t.start()
-    client = Lane.connect(srv.getsockname(), certs["node1"], "node2", 10)
-    t.join(10)
-    srv.close()
+    with node2_server(certs) as (address, got):
+        client = Lane.connect(address, certs["node1"], "node2", 10)
     tls.check_peer(client, "node2")
     try:
         yield client, got["server"]

@@ -3,6 +3,7 @@ reader, and one reading plus one writing thread at once on each end."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -22,8 +23,11 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tls.NodeCreds]:
     return {n: tls.issue_node_cert(base / "ca", n, base / n) for n in ("node1", "node2")}
 
 
-@pytest.fixture
-def pair(certs: dict[str, tls.NodeCreds]) -> Iterator[tuple[tls.Channel, tls.Channel]]:
+@contextlib.contextmanager
+def node2_server(certs: dict[str, tls.NodeCreds]) -> Iterator[tuple[tuple[str, int],
+                                                                   dict[str, tls.Channel]]]:
+    """A listening socket whose first connection (from node1) is accepted as node2, in a
+    thread: yields (address, {"server": channel} once the client has connected)."""
     srv = socket.create_server(("127.0.0.1", 0))
     got: dict[str, tls.Channel] = {}
 
@@ -33,9 +37,17 @@ def pair(certs: dict[str, tls.NodeCreds]) -> Iterator[tuple[tls.Channel, tls.Cha
 
     t = threading.Thread(target=accept)
     t.start()
-    client = tls.connect(srv.getsockname(), tls.client_context(certs["node1"]), "node2", 10)
-    t.join(10)
-    srv.close()
+    try:
+        yield srv.getsockname(), got
+    finally:
+        t.join(10)
+        srv.close()
+
+
+@pytest.fixture
+def pair(certs: dict[str, tls.NodeCreds]) -> Iterator[tuple[tls.Channel, tls.Channel]]:
+    with node2_server(certs) as (address, got):
+        client = tls.connect(address, tls.client_context(certs["node1"]), "node2", 10)
     server = got["server"]
     try:
         yield client, server
