@@ -1,7 +1,8 @@
 """The primary's activity log: what the peer has applied but may not have on its disk yet.
 
-Why: the secondary acknowledges a write once it is applied (in its page cache); only an fsync
-barrier makes it durable there. If the secondary loses power, writes it acknowledged since its
+Why: the secondary acknowledges a write once it is applied (in its page cache), or a large one
+once received (lane.c; it may still fail there, e.g. a full disk); only an fsync barrier makes
+it durable there. If the secondary loses power, writes it acknowledged since its
 last barrier are gone from its copy, while the primary, having seen them acknowledged, keeps no
 record of them: a later incremental resync would not resend them, the copies would differ
 silently, and an application's later fsync (which covers every earlier write of the file)

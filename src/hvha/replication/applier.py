@@ -41,6 +41,8 @@ from hvha.replication.treewriter import TreeWriter
 from hvha.replication.wire import FrameType, Hello
 
 log = logging.getLogger("hvha.replication.applier")
+#: Seconds a session that failed an op waits for the primary to read the NACK and close
+NACK_LINGER = 5.0
 
 
 class Applier:
@@ -261,6 +263,7 @@ class Applier:
                     op = wire.decode_write(frame.payload) or wire.decode_op(frame.payload)
                     error = OSError(failed, os.strerror(failed)) if failed else self._apply(op)
                     if not self._answer_op(sock, frame.seq, op, error, strict):
+                        self._linger(sock)
                         return
                     sock.applied(frame.seq, len(frame.payload))
                 elif frame.type == FrameType.QUERY:
@@ -270,6 +273,22 @@ class Applier:
                     sock.sendall(wire.encode_frame(FrameType.REPLY, frame.seq, reply))
                 else:
                     raise wire.WireError(f"unexpected {frame.type.name} frame")
+
+    def _linger(self, sock: Lane) -> None:
+        """After a NACK, drop what the primary still sends until it closes the session, for at
+        most NACK_LINGER seconds. The lane acknowledges large Writes on receipt (lane.c), so
+        the primary may be sending the next op when this one fails: closing at once would
+        fail that send (EPIPE) before the primary reads the NACK, and its status would say
+        "Broken pipe" instead of why (a full disk)."""
+        sock.timeout = 0.2
+        end = time.monotonic() + NACK_LINGER
+        while time.monotonic() < end and not self._stop.is_set():
+            try:
+                sock.read()
+            except TimeoutError:
+                continue
+            except (OSError, wire.WireError):
+                return
 
     def _serve(self, sock: tls.Channel, reader: wire.FrameReader) -> None:
         expected = -1

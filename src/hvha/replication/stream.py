@@ -10,14 +10,15 @@ threads::
     stream.wait(seq)                # outside the lock
 
 Many ops are in flight at once: whoever waits first sends what is queued (else the sender
-thread does). The secondary's cumulative ACKs (ACK n: every op <= n applied, Fsyncs among them
-durable) are read by a waiting thread itself when no other thread is reading (leader/follower,
-peerreader.py: no hand-off from a receiver thread per round trip); the receiver thread reads
-only what nobody waits for (queries, barriers, the peer closing an idle connection). On peer
-loss (connection error, no ack for `timeout` seconds with ops in flight, NACK, or `detach()`),
-every op not yet acknowledged, and every later op, is recorded in the DirtyStore, and wait()
-returns only after that record is durable; if it cannot be persisted, wait() raises
-NotPersisted (an OSError, EIO). Mode is then ALONE.
+thread does). The secondary's cumulative ACKs (ACK n: every op <= n applied, or for a large
+Write served by the native lane received and next to be applied; Fsyncs among them durable,
+and every op before them applied) are read by a waiting thread itself when no other thread
+is reading (leader/follower, peerreader.py: no hand-off from a receiver thread per round
+trip); the receiver thread reads only what nobody waits for (queries, barriers, the peer
+closing an idle connection). On peer loss (connection error, no ack for `timeout` seconds
+with ops in flight, NACK, or `detach()`), every op not yet acknowledged, and every later op,
+is recorded in the DirtyStore, and wait() returns only after that record is durable; if it
+cannot be persisted, wait() raises NotPersisted (an OSError, EIO). Mode is then ALONE.
 After `connect()` the mode is RESYNCING until `try_mark_in_sync()` succeeds (blocks.py runs
 the resync through this same stream).
 """

@@ -5,7 +5,11 @@
  * write it, send the ack), and in Python that costs about 80-130 us of interpreter per round
  * trip on the lab machine (docs/benchmarks.md). This file does the common case natively: it
  * reads frames, applies Writes and Fsyncs to files it has open, and sends the cumulative
- * acks. Every other frame (namespace ops, queries) and every case it is not sure of is
+ * acks. A large Write is acknowledged once received, just before it is applied (DRBD's
+ * protocol B for writes): the primary's next write crosses the network while this one goes
+ * to the disk. An Fsync is acknowledged only once it and everything before it are done, and
+ * the primary's activity log (activity.py) keeps every write not yet behind an acknowledged
+ * barrier, so a write that fails here after its ack still reaches the dirty map. Every other frame (namespace ops, queries) and every case it is not sure of is
  * handed to the Python applier (applier.py via lane.py), which applies it as before and tells
  * this side what it applied. On the primary, the stream (stream.py) sends its frames and reads
  * the acks through a lane: one thread may read while others send. lane_shutdown() may be
@@ -44,6 +48,8 @@
 #define DIRECT_MIN (128u << 10)
 #define BOUNCE (1u << 20)
 #define NFILES 64
+/* Writes at least this large are acknowledged on receipt, before they are applied */
+#define EARLY_ACK (128u << 10)
 
 enum { F_HELLO = 1, F_OP, F_ACK, F_NACK, F_QUERY, F_REPLY, F_ERROR, F_SKIPPED };
 enum { T_CREATE = 1, T_WRITE = 2, T_FSYNC = 16 };
@@ -523,6 +529,13 @@ int lane_next(struct lane *l)
 
 /* ---------------------------------------------------------------------------- apply */
 
+/* The errnos the Python side may answer SKIPPED while resyncing (applier._DIVERGENCE). */
+static int divergence(int e)
+{
+	return e == ENOENT || e == ENOTDIR || e == EEXIST || e == EISDIR || e == ENOTEMPTY ||
+	       e == ELOOP;
+}
+
 static int check_path(const unsigned char *p, uint32_t n)
 {
 	if (n == 0 || p[0] == '/' || memchr(p, 0, n))
@@ -649,20 +662,25 @@ static long write_direct(struct lane *l, struct file *f, const unsigned char *p,
 	return (long)done;
 }
 
-/* Apply a Write: 1 applied, 0 not for here (hand it over), -errno failed. */
-static int apply_write(struct lane *l)
+/* The file a Write payload targets, if this side applies it (a well-formed Write of a safe
+ * path to a regular file it can open); NULL: hand the frame over. */
+static struct file *write_target(struct lane *l, uint32_t *start)
 {
 	const unsigned char *p = l->payload;
-	uint32_t start = write_start(p, l->plen, l->plen);
-	if (!start)
-		return 0;
+	*start = write_start(p, l->plen, l->plen);
+	if (!*start)
+		return NULL;
 	uint32_t n = be32(p + 1);
 	if (!check_path(p + 5, n))
-		return 0;
-	struct file *f = file_of(l, p + 5, n, 1);
-	if (!f)
-		return 0;
-	uint64_t off = be64(p + 5 + n);
+		return NULL;
+	return file_of(l, p + 5, n, 1);
+}
+
+/* Write the data of the Write in l->payload to f: 1 applied, -errno failed. */
+static int apply_write(struct lane *l, struct file *f, uint32_t start)
+{
+	const unsigned char *p = l->payload;
+	uint64_t off = be64(p + start - 12);
 	const unsigned char *data = p + start;
 	size_t len = l->plen - start, head = (ALIGN - off % ALIGN) % ALIGN, body = 0;
 	if (len >= DIRECT_MIN && len > head)
@@ -768,11 +786,25 @@ int lane_serve(struct lane *l, int root, int dirs_dirty)
 				    (unsigned long long)l->fseq, (long long)l->expected);
 		l->expected = (int64_t)l->fseq + 1;
 		int tag = l->plen ? l->payload[0] : 0, rc = 0;
-		if (tag == T_WRITE)
-			rc = apply_write(l);
+		uint32_t start = 0;
+		struct file *f = tag == T_WRITE ? write_target(l, &start) : NULL;
+		if (f && l->plen >= EARLY_ACK) {
+			/* received and about to be applied, before anything later: acknowledge it
+			 * now, so the primary's next write travels while this one goes to the disk
+			 * (the acks stay cumulative; an Fsync is only acknowledged once done) */
+			l->applied = (int64_t)l->fseq;
+			if (maybe_ack(l, 1) != 1)
+				return LANE_ERR;
+			rc = apply_write(l, f, start);
+			/* the primary no longer holds this op as pending: a failure must end the
+			 * session (NACK), never be skipped as a resync's divergence */
+			if (rc < 0 && divergence(-rc))
+				rc = -EIO;
+		} else if (f)
+			rc = apply_write(l, f, start);
 		else if (tag == T_FSYNC)
 			rc = apply_fsync(l, dirs_dirty);
-		else
+		else if (tag != T_WRITE)
 			forget_files(l); /* names may change: reopen by name afterwards */
 		if (rc < 0) {
 			l->failed = -rc;
