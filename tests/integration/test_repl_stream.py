@@ -276,9 +276,10 @@ def _wait_alone(pair: Pair) -> None:
 
 def test_power_loss_of_the_secondary_loses_nothing_it_acknowledged(
         tmp_path: Path, certs: dict[str, tls.NodeCreds]) -> None:
-    """The secondary acknowledges a write once applied (in its page cache); a power loss
-    before its next barrier takes it off its disk. The primary knew it as replicated: its
-    activity log must put it in the dirty map, so the resync resends it."""
+    """The secondary acknowledges a write once applied (in its page cache), a large one on
+    the native lane once received; a power loss before its next barrier takes it off its
+    disk. The primary knew it as replicated: its activity log must put it in the dirty map,
+    so the resync resends it."""
     with make_pair(tmp_path, certs, timeout=2.0, barrier_interval=3600) as pair:
         pair.stream.connect()
         assert pair.stream.try_mark_in_sync()
@@ -287,6 +288,7 @@ def test_power_loss_of_the_secondary_loses_nothing_it_acknowledged(
         pair.do(ops.Fsync(None))  # on both disks
         on_disk = (pair.sec / "vm.img").read_bytes()
         pair.do(ops.Write("vm.img", 200_000, b"x" * 70_000))  # acknowledged, not yet durable
+        pair.do(ops.Write("vm.img", 1 << 19, os.urandom(256 << 10)))  # (received: lane.c)
         pair.do(ops.Create("log", 0o600))
         pair.do(ops.Write("log", 0, b"entry 1\n"))
         assert pair.stream.status().ops_in_flight == 0
