@@ -263,7 +263,7 @@ class Applier:
                     op = wire.decode_write(frame.payload) or wire.decode_op(frame.payload)
                     error = OSError(failed, os.strerror(failed)) if failed else self._apply(op)
                     if not self._answer_op(sock, frame.seq, op, error, strict):
-                        self._linger(sock)
+                        self._linger(sock, sock)
                         return
                     sock.applied(frame.seq, len(frame.payload))
                 elif frame.type == FrameType.QUERY:
@@ -274,17 +274,17 @@ class Applier:
                 else:
                     raise wire.WireError(f"unexpected {frame.type.name} frame")
 
-    def _linger(self, sock: Lane) -> None:
+    def _linger(self, sock: tls.Channel | Lane, reader: wire.FrameReader | Lane) -> None:
         """After a NACK, drop what the primary still sends until it closes the session, for at
-        most NACK_LINGER seconds. The lane acknowledges large Writes on receipt (lane.c), so
-        the primary may be sending the next op when this one fails: closing at once would
-        fail that send (EPIPE) before the primary reads the NACK, and its status would say
-        "Broken pipe" instead of why (a full disk)."""
+        most NACK_LINGER seconds. The primary may be sending later ops when one fails (the
+        lane acknowledges large Writes on receipt, lane.c; several FUSE threads write at
+        once): closing at once would fail its send (EPIPE) before it reads the NACK, and its
+        status would say "Broken pipe" instead of why (a full disk)."""
         sock.timeout = 0.2
         end = time.monotonic() + NACK_LINGER
         while time.monotonic() < end and not self._stop.is_set():
             try:
-                sock.read()
+                reader.read()
             except TimeoutError:
                 continue
             except (OSError, wire.WireError):
@@ -304,6 +304,7 @@ class Applier:
                     expected = frame.seq + 1
                     op = wire.decode_write(frame.payload) or wire.decode_op(frame.payload)
                     if not self._answer_op(sock, frame.seq, op, self._apply(op), strict):
+                        self._linger(sock, reader)
                         return
                     applied = frame.seq
                     unacked_bytes += len(frame.payload)
