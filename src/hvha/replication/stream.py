@@ -9,16 +9,15 @@ threads::
         seq = stream.enqueue(op)    # fast, never blocks on the network
     stream.wait(seq)                # outside the lock
 
-Many ops are in flight at once: whoever waits first sends what is queued (else the sender
-thread does). The secondary's cumulative ACKs (ACK n: every op <= n applied, or for a large
-Write served by the native lane received and next to be applied; Fsyncs among them durable,
-and every op before them applied) are read by a waiting thread itself when no other thread
-is reading (leader/follower, peerreader.py: no hand-off from a receiver thread per round
-trip); the receiver thread reads only what nobody waits for (queries, barriers, the peer
-closing an idle connection). On peer loss (connection error, no ack for `timeout` seconds
-with ops in flight, NACK, or `detach()`), every op not yet acknowledged, and every later op,
-is recorded in the DirtyStore, and wait() returns only after that record is durable; if it
-cannot be persisted, wait() raises NotPersisted (an OSError, EIO). Mode is then ALONE.
+Many ops are in flight at once: whoever waits first sends what is queued, else the sender
+thread does (streamsend.py). The secondary's cumulative ACKs (ACK n: every op <= n applied,
+or for a large Write on the native lane received and next to be applied; Fsyncs among them
+durable, and every op before them applied) are read by a waiting thread itself when no other
+thread is reading, else by a receiver thread (peerreader.py). On peer loss (connection
+error, no ack for `timeout` seconds with ops in flight, NACK, or `detach()`), every op not yet
+acknowledged, and every later op, is recorded in the DirtyStore, and wait() returns only
+after that record is durable; if it cannot be persisted, wait() raises NotPersisted (an
+OSError, EIO). Mode is then ALONE.
 After `connect()` the mode is RESYNCING until `try_mark_in_sync()` succeeds (blocks.py runs
 the resync through this same stream).
 """
@@ -41,6 +40,7 @@ from hvha.replication.activity import ActivityLog
 from hvha.replication.dirty import DirtyStore
 from hvha.replication.lane import Lane, creds_of
 from hvha.replication.peerreader import PeerReader
+from hvha.replication.streamsend import StreamSender
 from hvha.replication.streamtypes import (
     Mode,
     NotPersisted,
@@ -57,12 +57,9 @@ __all__ = ["Mode", "NotPersisted", "PeerRefused", "ResyncProgress", "Stream", "S
 
 log = logging.getLogger("hvha.replication.stream")
 SPLIT = 4 * 1024 * 1024  # Writes larger than this are sent as several ops
-#: Large buffers are handed to TLS in pieces of this size, so the secondary decrypts and
-#: parses the first piece while this side still encrypts the next (both cores busy).
-SEND_PIECE = 256 * 1024
 
 
-class Stream(PeerReader):
+class Stream(PeerReader, StreamSender):
     """One module's replication stream to its peer; starts ALONE until connect()."""
 
     def __init__(self, *, node: str, peer: str, module: str, address: tuple[str, int],
@@ -75,8 +72,7 @@ class Stream(PeerReader):
         self.address, self.ctx, self.dirty = address, ctx, dirty
         self.generations, self.timeout, self.on_mode = generations, timeout, on_mode
         # the heartbeats' verdict: a silent connection to a peer they declare dead, or that no
-        # longer hears this node (a one-way partition), is given up within a second, not after
-        # `timeout` (writes would wait that long for a partition)
+        # longer hears this node (one-way partition), is given up within a second, not `timeout`
         self.peer_alive = peer_alive
         self._order = threading.RLock()
         lock = threading.RLock()
@@ -162,21 +158,6 @@ class Stream(PeerReader):
     def enqueue_flushed_by_caller(self, op: ops.Op) -> int:
         """enqueue(op, kick=False): for the FUSE layer, which always waits for its ops."""
         return self.enqueue(op, kick=False)
-
-    def _queue_barrier(self) -> None:
-        """Close the activity log's epoch with a global barrier (call holding _cv)."""
-        seq = self._next
-        self._next += 1
-        op = ops.Fsync(None, False)
-        self._pending[seq] = op
-        self._order_q.append(seq)
-        self._queue.append((seq, op))
-        self._activity.close_epoch(seq)
-
-    def flush(self) -> None:
-        """Send what is queued now, in the calling thread (e.g. a barrier before the caller's
-        own fsync, so the secondary's fsync overlaps it)."""
-        self._flush()
 
     def diverged(self, op: ops.Op, seq: int, why: str) -> None:
         """Op `seq` left for the peer before it was applied here, and applying it here failed
@@ -385,68 +366,6 @@ class Stream(PeerReader):
             log.error("replication %s: dirty map not persisted after losing the peer: %s",
                       self.module, exc)
         self._notify(Mode.ALONE, reason)
-
-    def _send_loop(self) -> None:
-        while True:
-            with self._cv:
-                while not self._closed and not (self._queue and self._sock is not None):
-                    due = self._activity.seconds_to_barrier()
-                    if due is not None and self.mode is not Mode.ALONE:
-                        if self._activity.barrier_due():
-                            self._queue_barrier()  # writes paused: make them durable there
-                            continue
-                        self._kick.wait(timeout=due + 0.001)
-                    else:
-                        self._kick.wait()
-                if self._closed:
-                    return
-            self._flush()
-            with self._cv:  # ops sent here may have nobody waiting to read their acks
-                if not self._reading and not self._waiters:
-                    self._rx_wake.notify()
-
-    def _flush(self) -> None:
-        with self._send_lock:
-            with self._cv:
-                if not self._queue or self._sock is None:
-                    return
-                batch = list(self._queue)
-                self._queue.clear()
-                sock, conn = self._sock, self._conn
-                if len(self._pending) + len(self._queries) == len(batch):  # was idle
-                    self._progress_at = time.monotonic()
-            small: list[bytes] = []
-            size = 0
-            try:
-                for key, item in batch:
-                    if isinstance(item, bytes):
-                        parts = [wire.header(FrameType.QUERY, key, len(item)), item]
-                    else:
-                        parts = wire.op_frame_parts(key, item)
-                    for p in parts:
-                        if len(p) >= 65536:
-                            if small:
-                                sock.sendall(b"".join(small))
-                                small.clear()
-                            if isinstance(sock, Lane):  # it sends in pieces itself
-                                sock.sendall(p)
-                                continue
-                            view = memoryview(p)
-                            for i in range(0, len(view), SEND_PIECE):
-                                sock.sendall(view[i:i + SEND_PIECE])
-                        else:
-                            small.append(p)
-                        size += len(p)
-                    if len(small) > 256:
-                        sock.sendall(b"".join(small))
-                        small.clear()
-                if small:
-                    sock.sendall(b"".join(small))
-            except (OSError, wire.WireError) as exc:
-                self._fail(conn, f"send failed: {exc}")
-                return
-            with self._cv:
-                self.bytes_sent += size
 
     def _ack(self, upto: int) -> None:
         while self._order_q and self._order_q[0] <= upto:
