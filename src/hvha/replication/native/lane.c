@@ -9,8 +9,9 @@
  * protocol B for writes): the primary's next write crosses the network while this one goes
  * to the disk. An Fsync is acknowledged only once it and everything before it are done, and
  * the primary's activity log (activity.py) keeps every write not yet behind an acknowledged
- * barrier, so a write that fails here after its ack still reaches the dirty map. Every other frame (namespace ops, queries) and every case it is not sure of is
- * handed to the Python applier (applier.py via lane.py), which applies it as before and tells
+ * barrier, so a write that fails here after its ack still reaches the dirty map. Every
+ * other frame (namespace ops, queries) and every case it is not sure of is handed to the
+ * Python applier (applier.py via lane.py), which applies it as before and tells
  * this side what it applied. On the primary, the stream (stream.py) sends its frames and reads
  * the acks through a lane: one thread may read while others send. lane_shutdown() may be
  * called from any thread; lane_close() only once no other call is in progress (lane.py).
@@ -797,9 +798,10 @@ int lane_serve(struct lane *l, int root, int dirs_dirty)
 				return LANE_ERR;
 			rc = apply_write(l, f, start);
 			/* the primary no longer holds this op as pending: a failure must end the
-			 * session (NACK), never be skipped as a resync's divergence */
+			 * session (NACK), never be skipped as a resync's divergence. (pwrite on an
+			 * open file does not fail so; EIO would also latch a disk fault here) */
 			if (rc < 0 && divergence(-rc))
-				rc = -EIO;
+				rc = -EPROTO;
 		} else if (f)
 			rc = apply_write(l, f, start);
 		else if (tag == T_FSYNC)
