@@ -361,6 +361,11 @@ def run(b: Bench, q: bool, rounds: int, phases: set[str], tree_verify: bool) -> 
     return rows
 
 
+def _mb(per_s: list[float]) -> list[float]:
+    """MiB per second -> MB per second."""
+    return [x * MIB / 1e6 for x in per_s]
+
+
 def _rng(xs: list[float], fmt: str) -> str:
     lo, mid, hi = (fmt.format(x) for x in (min(xs), statistics.median(xs), max(xs)))
     return mid if len(xs) == 1 else f"{mid} ({lo}-{hi})"
@@ -404,24 +409,23 @@ def _writes(b: Bench, prim: Proc, sec: Proc, rounds: int, seq_mib: int, small_n:
             once("seq" + suffix, d, seq_mib, out, cpu_mb)
         if not suffix:
             once("seqdirect", b.raw, seq_mib, direct_mb, [])
-            for d, out in ((b.raw, raw_ua), (b.a, rep_ua)):
+            for d, out in ((b.raw, raw_ua), (b.a, rep_ua))[::1 if r % 2 == 0 else -1]:
                 once("sequnaligned", d, seq_mib, out, [])
     for r in range(rounds):
         for d, out in ((b.raw, raw_ops), (b.a, rep_ops))[::1 if r % 2 == 0 else -1]:
             once("small" + suffix, d, small_n, out, cpu_op)
-    raw_mb, rep_mb = [x * MIB / 1e6 for x in raw_mb], [x * MIB / 1e6 for x in rep_mb]
+    raw_mb, rep_mb, direct_mb = _mb(raw_mb), _mb(rep_mb), _mb(direct_mb)
+    raw_ua, rep_ua = _mb(raw_ua), _mb(rep_ua)
     rows.append((f"{seq_mib} MiB of 1 MiB writes + fsync, {label}",
                  rng_(raw_mb, "{:,.0f}") + " MB/s",
                  rng_(rep_mb, "{:,.0f}") + " MB/s", f"{med(rep_mb) / med(raw_mb):.2f}",
                  ">= 0.5 (0.7); shared disk: ~0.5 max"))
     if direct_mb:
-        direct_mb = [x * MIB / 1e6 for x in direct_mb]
         rows.append(("  same, raw with O_DIRECT (the disk, no page cache)",
                      rng_(direct_mb, "{:,.0f}") + " MB/s", "",
                      f"{med(rep_mb) / med(direct_mb):.2f}",
                      "raw's buffered figure depends on this VM's memory state"))
     if rep_ua:
-        raw_ua, rep_ua = [x * MIB / 1e6 for x in raw_ua], [x * MIB / 1e6 for x in rep_ua]
         rows.append(("  same, from an unaligned buffer (Python bytes)",
                      rng_(raw_ua, "{:,.0f}") + " MB/s", rng_(rep_ua, "{:,.0f}") + " MB/s",
                      f"{med(rep_ua) / med(raw_ua):.2f}",
