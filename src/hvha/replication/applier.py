@@ -262,7 +262,9 @@ class Applier:
                 if frame.type == FrameType.OP:
                     op = wire.decode_write(frame.payload) or wire.decode_op(frame.payload)
                     error = OSError(failed, os.strerror(failed)) if failed else self._apply(op)
-                    if not self._answer_op(sock, frame.seq, op, error, strict):
+                    # a native apply failed on a file it had open: never a resync's divergence
+                    # to skip, and a large Write may already be acknowledged (lane.c): NACK
+                    if not self._answer_op(sock, frame.seq, op, error, strict or bool(failed)):
                         self._linger(sock, sock)
                         return
                     sock.applied(frame.seq, len(frame.payload))

@@ -530,13 +530,6 @@ int lane_next(struct lane *l)
 
 /* ---------------------------------------------------------------------------- apply */
 
-/* The errnos the Python side may answer SKIPPED while resyncing (applier._DIVERGENCE). */
-static int divergence(int e)
-{
-	return e == ENOENT || e == ENOTDIR || e == EEXIST || e == EISDIR || e == ENOTEMPTY ||
-	       e == ELOOP;
-}
-
 static int check_path(const unsigned char *p, uint32_t n)
 {
 	if (n == 0 || p[0] == '/' || memchr(p, 0, n))
@@ -796,12 +789,7 @@ int lane_serve(struct lane *l, int root, int dirs_dirty)
 			l->applied = (int64_t)l->fseq;
 			if (maybe_ack(l, 1) != 1)
 				return LANE_ERR;
-			rc = apply_write(l, f, start);
-			/* the primary no longer holds this op as pending: a failure must end the
-			 * session (NACK), never be skipped as a resync's divergence. (pwrite on an
-			 * open file does not fail so; EIO would also latch a disk fault here) */
-			if (rc < 0 && divergence(-rc))
-				rc = -EPROTO;
+			rc = apply_write(l, f, start); /* a failure ends the session (applier.py) */
 		} else if (f)
 			rc = apply_write(l, f, start);
 		else if (tag == T_FSYNC)
