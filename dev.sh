@@ -29,7 +29,8 @@ setup() {
   need_apt
   local lane=src/hvha/replication/native
   if [ ! -x "$VENV/bin/hvha" ] || [ pyproject.toml -nt "$VENV/.stamp" ] \
-      || [ ! -f $lane/liblane.so ] || [ $lane/lane.c -nt "$VENV/.stamp" ]; then
+      || [ ! -f $lane/liblane.so ] || [ $lane/lane.c -nt "$VENV/.stamp" ] \
+      || [ $lane/express.c -nt "$VENV/.stamp" ]; then
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip >/dev/null
     "$VENV/bin/pip" install -q -e '.[dev]'

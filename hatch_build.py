@@ -27,7 +27,8 @@ class CustomBuildHook(BuildHookInterface):  # type: ignore[misc]
         out = root / SRC / "liblane.so"
         cc = shutil.which("cc") or shutil.which("gcc")
         cmd = [cc or "cc", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC",
-               "-o", str(out), str(root / SRC / "lane.c"), "-lssl", "-lcrypto"]
+               "-o", str(out), str(root / SRC / "lane.c"), str(root / SRC / "express.c"),
+               "-lssl", "-lcrypto"]
         try:
             subprocess.run(cmd, check=True, capture_output=True, text=True)
         except (OSError, subprocess.CalledProcessError) as exc:

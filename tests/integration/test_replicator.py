@@ -217,14 +217,17 @@ while True:
 
 
 @needs_root
-@pytest.mark.parametrize(("payload", "trials"), [
-    (4096, TRIALS),
+@pytest.mark.parametrize(("payload", "trials", "express"), [
+    # 4 KiB records: writes and fsyncs served in C once in sync (express.py)
+    (4096, TRIALS, "1"),
+    # the same through the Python handlers (HVHA_EXPRESS=0)
+    (4096, max(TRIALS // 2, 1), "0"),
     # 256 KiB records: each one is a large aligned write, so it takes the direct path on both
     # nodes (directio) and is sent by the sender thread while written locally
-    (256 * 1024 - RECORD.size, max(TRIALS // 2, 1)),
-], ids=["4k-records", "256k-direct-records"])
+    (256 * 1024 - RECORD.size, max(TRIALS // 2, 1), "1"),
+], ids=["4k-records", "4k-records-python-handlers", "256k-direct-records"])
 def test_acknowledged_records_survive_kill_9_of_the_primary(lab: Lab, payload: int,
-                                                            trials: int) -> None:
+                                                            trials: int, express: str) -> None:
     """The ack-ledger oracle: the primary's process (mirror + stream) is killed with SIGKILL at
     a seeded random moment while an application appends fsynced records; every record whose
     fsync returned is intact in the secondary's copy. Repeated `trials` times."""
@@ -233,9 +236,10 @@ def test_acknowledged_records_survive_kill_9_of_the_primary(lab: Lab, payload: i
 
     lab.start("node2")
     rng = random.Random(4242)
+    env = {**os.environ, "HVHA_EXPRESS": express}
     for trial in range(trials):
         primary = subprocess.Popen([sys.executable, "-c", PRIMARY, str(lab.tmp), str(lab.port)],
-                                   stdout=subprocess.PIPE, text=True)
+                                   stdout=subprocess.PIPE, text=True, env=env)
         writer = None
         try:
             assert primary.stdout is not None and primary.stdout.readline() == "ready\n"

@@ -91,5 +91,10 @@ class ActivityLog:
         self._epochs = [_Epoch()]
         return out
 
+    def open_age(self) -> float | None:
+        """Seconds since the open epoch's first record (None: it is empty)."""
+        cur = self._epochs[-1]
+        return None if cur.dirt.empty() else time.monotonic() - cur.started
+
     def open_epochs(self) -> int:
         return sum(1 for ep in self._epochs if not ep.dirt.empty())

@@ -155,6 +155,22 @@ class Lane:
             if last:
                 self._free()
 
+    def hold(self) -> int | None:
+        """The session's handle for the express path (express.py), which uses it until
+        release(); None if the session is closing."""
+        with self._lock:
+            if self._p is None or self._closing:
+                return None
+            self._users += 1
+            return self._p
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            last = self._closing and not self._users
+        if last:
+            self._free()
+
     def _free(self) -> None:
         with self._lock:
             p, self._p = self._p, None

@@ -45,6 +45,7 @@ class FaultLatch:
     def __init__(self, on_fault: Callable[[str], None] | None = None) -> None:
         self._on_fault = on_fault
         self._lock = threading.Lock()
+        self.listeners: list[Callable[[], None]] = []  # also told when it latches (express.py)
         self.errno = 0
         self.text = ""
 
@@ -62,6 +63,8 @@ class FaultLatch:
         log.error("replication: %s; this copy is suspect until an operator says the disk is "
                   "repaired (a primary's later fsyncs fail, it hands over to an in-sync peer)",
                   self.text)
+        for fn in self.listeners:
+            fn()
         if self._on_fault is not None:
             self._on_fault(self.text)
 

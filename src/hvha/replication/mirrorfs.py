@@ -32,6 +32,7 @@ from hvha.replication import exclude
 from hvha.replication import ops as o
 from hvha.replication.directio import DirectWriter
 from hvha.replication.exclude import Excludes
+from hvha.replication.express import Express
 from hvha.replication.localfault import FaultLatch
 from hvha.replication.mirrordata import DataPath, ReplicationSink, _fail
 from hvha.replication.mirrorrules import (
@@ -100,6 +101,7 @@ class MirrorFS(DataPath, mfusepy.Operations):  # type: ignore[misc]
         self.sync_on_close = sync_on_close
         self._proc = f"/proc/self/fd/{root_fd}"
         self._sync_fhs: set[int] = set()
+        self.express: Express | None = None  # set by mount.py when small I/O is served in C
         self.direct = DirectWriter()
         self._euid, self._egid = os.geteuid(), os.getegid()
 
@@ -214,6 +216,8 @@ class MirrorFS(DataPath, mfusepy.Operations):  # type: ignore[misc]
         fi.fh, fi.direct_io, fi.noflush = fd, plan.direct_io, not self.sync_on_close
         if plan.sync_writes:
             self._sync_fhs.add(fd)
+        if self.express is not None:  # (an fd number is reused: always say)
+            self.express.fh(fd, not plan.sync_writes)
 
     def open(self, path: str, fi: Any) -> int:
         plan = open_plan(fi.flags)
@@ -261,6 +265,8 @@ class MirrorFS(DataPath, mfusepy.Operations):  # type: ignore[misc]
 
     def release(self, path: str | None, fi: Any) -> int:
         self._sync_fhs.discard(fi.fh)
+        if self.express is not None:
+            self.express.fh(fi.fh, False)
         self.direct.forget(fi.fh)
         os.close(fi.fh)
         return 0

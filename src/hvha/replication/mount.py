@@ -27,10 +27,13 @@ from typing import Any
 
 import mfusepy  # type: ignore[import-untyped]
 
+from hvha.replication import express
 from hvha.replication.exclude import Excludes
+from hvha.replication.express import Express
 from hvha.replication.localfault import FaultLatch
 from hvha.replication.mirrordata import ReplicationSink
 from hvha.replication.mirrorfs import MirrorFS
+from hvha.replication.mirrorrules import op_path
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,7 @@ class _Adaptor(mfusepy.FUSE):  # type: ignore[misc]
         self._worker = threading.local()  # .pinned: this libfuse worker keeps its state
         self._pinned: list[int] = []  # the kept PyThreadState pointers (_pin_thread_state)
         self.table = mfusepy.fuse_operations()
+        self.callbacks: dict[str, Any] = {}  # the table only points at them: keep them alive
         for field in mfusepy.fuse_operations._fields_:
             name, proto = field[0], field[1]
             if not hasattr(proto, "argtypes"):
@@ -100,7 +104,8 @@ class _Adaptor(mfusepy.FUSE):  # type: ignore[misc]
             if name != "init" and (handler is None or getattr(handler, "libfuse_ignore", False)):
                 continue
             method = getattr(self, name + "_fuse_3", None) or getattr(self, name)
-            setattr(self.table, name, proto(functools.partial(self._wrapper, method)))
+            cb = self.callbacks[name] = proto(functools.partial(self._wrapper, method))
+            setattr(self.table, name, cb)
 
     def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
         if not getattr(self._worker, "pinned", False):
@@ -226,6 +231,47 @@ class MirrorMount:
         self._adaptor: _Adaptor | None = None
         self._thread: threading.Thread | None = None
         self._conn: int | None = None
+        self._express: Express | None = None
+
+    def _install_express(self, fs: MirrorFS, adaptor: _Adaptor) -> Express | None:
+        """Serve small writes and fsyncs in C (express.py) if this mount and stream can."""
+        ok, why = express.available()
+        attach = getattr(self.sink, "attach_express", None)
+        if not ok or attach is None or fs.excludes:
+            log.debug("mirror %s: no express path (%s)", self.path,
+                      why or ("exclude patterns" if fs.excludes else "sink without one"))
+            return None
+        sink: Any = self.sink
+
+        def wait(seq: int) -> int:
+            try:
+                fs._wait(seq)
+            except OSError as e:
+                return e.errno or errno.EIO
+            return 0
+
+        def fault(path: str, datasync: bool, err: int) -> None:
+            fs.faults.note("fdatasync" if datasync else "fsync", op_path(path),
+                           OSError(err, os.strerror(err)))
+
+        x = Express(adaptor.table, adaptor.callbacks, mfusepy.fuse_file_info.fh.offset,
+                    ctypes.cast(_lib.fuse_get_context, ctypes.c_void_p).value or 0,
+                    wait=wait, handover=sink.express_take,
+                    alive=lambda: sink.peer_alive is None or bool(sink.peer_alive()),
+                    fault=fault, allowed=lambda: not fs.faults.errno)
+        fs.express = x
+        fs.faults.listeners.append(x.fault)
+        attach(x)
+        return x
+
+    def _drop_express(self) -> None:
+        x, self._express = self._express, None
+        if x is None:
+            return
+        detach = getattr(self.sink, "attach_express", None)
+        if detach is not None:
+            detach(None)  # takes the path back first
+        x.free()
 
     def start(self) -> None:
         """Open the directory, mount over it and return once the mount is live."""
@@ -241,6 +287,7 @@ class MirrorMount:
             fs = MirrorFS(self.root_fd, self.sink, sync_on_close=self.sync_on_close,
                           excludes=self.excludes, faults=self.faults)
             self._adaptor = _Adaptor(fs)
+            self._express = self._install_express(fs, self._adaptor)
             opts = ("allow_other,default_permissions,subtype=hvha,"
                     f"fsname=hvha:{self.path.replace(',', '_')}")
             argv = [b"hvha-mirror", b"-o", os.fsencode(opts)]
@@ -250,6 +297,8 @@ class MirrorMount:
                                           ctypes.sizeof(table), None)
             if not self._fuse:
                 raise RuntimeError(f"fuse_new failed for {self.path} (see stderr)")
+            if self._express is not None:
+                self._express.bind(self._fuse, self.root_fd)
             if _lib.fuse_mount(self._fuse, os.fsencode(self.path)) != 0:
                 _lib.fuse_destroy(self._fuse)
                 self._fuse = None
@@ -285,6 +334,8 @@ class MirrorMount:
             _lib.fuse_loop_cfg_destroy(cfg)
             _lib.fuse_unmount(fuse)  # no-op when the kernel connection is already gone
             _lib.fuse_destroy(fuse)
+            if self._express is not None:  # no handler runs any more
+                self._drop_express()
             if self._adaptor is not None:  # the loop joined its workers before returning
                 self._adaptor.release_thread_states()
                 self._adaptor.operations.direct.close()  # handles the kernel never released
@@ -306,6 +357,8 @@ class MirrorMount:
         elif self._fuse is not None:
             _lib.fuse_unmount(self._fuse)
             _lib.fuse_destroy(self._fuse)
+        if self._thread is None:  # (a loop that ran dropped it when it ended)
+            self._drop_express()
         self._fuse = None
         if self.root_fd is not None:
             os.close(self.root_fd)

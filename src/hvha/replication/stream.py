@@ -40,6 +40,7 @@ from hvha.replication.activity import ActivityLog
 from hvha.replication.dirty import DirtyStore
 from hvha.replication.lane import Lane, creds_of
 from hvha.replication.peerreader import PeerReader
+from hvha.replication.streamexpress import StreamExpress
 from hvha.replication.streamsend import StreamSender
 from hvha.replication.streamtypes import (
     Mode,
@@ -59,7 +60,7 @@ log = logging.getLogger("hvha.replication.stream")
 SPLIT = 4 * 1024 * 1024  # Writes larger than this are sent as several ops
 
 
-class Stream(PeerReader, StreamSender):
+class Stream(PeerReader, StreamSender, StreamExpress):
     """One module's replication stream to its peer; starts ALONE until connect()."""
 
     def __init__(self, *, node: str, peer: str, module: str, address: tuple[str, int],
@@ -75,6 +76,7 @@ class Stream(PeerReader, StreamSender):
         # longer hears this node (one-way partition), is given up within a second, not `timeout`
         self.peer_alive = peer_alive
         self._order = threading.RLock()
+        self._in_order = 0  # threads inside ordered() (streamexpress.py)
         lock = threading.RLock()
         self._cv = threading.Condition(lock)  # state changes: acks, mode, queries
         # the sender thread waits on its own condition: an ack (one per op) must wake only
@@ -121,7 +123,13 @@ class Stream(PeerReader, StreamSender):
     @contextlib.contextmanager
     def ordered(self) -> Iterator[None]:
         with self._order:
-            yield
+            self._in_order += 1
+            try:
+                if self._express_on:  # numbered after the C handlers' ops, applied after too
+                    self.express_take()
+                yield
+            finally:
+                self._in_order -= 1
 
     def enqueue(self, op: ops.Op, *, kick: bool = True) -> int:
         """Queue op (call inside ordered()); return its sequence number. Large Writes become
@@ -135,6 +143,8 @@ class Stream(PeerReader, StreamSender):
                 seq = self.enqueue(ops.Write(op.path, op.offset + i, bytes(view[i:i + SPLIT])),
                                    kick=kick)
             return seq
+        if self._express_on:  # (ordered() took it back already; a safety net)
+            self.express_take()
         with self._cv:
             seq = self._next
             self._next += 1
@@ -194,6 +204,8 @@ class Stream(PeerReader, StreamSender):
         except OSError as exc:
             raise NotPersisted(errno.EIO, f"op {seq} not replicated and the dirty map could not"
                                f" be persisted ({exc}): check the state directory's disk") from exc
+        if self._express is not None:
+            self.express_try_on()
 
     def settled(self, seq: int) -> bool:
         """Wait until op `seq` is acknowledged (True) or the peer is lost (False). For the
@@ -308,6 +320,7 @@ class Stream(PeerReader, StreamSender):
     # ---------------------------------------------------------------- queries (for the resync)
     def query_async(self, request: dict[str, Any]) -> Future[bytes]:
         fut: Future[bytes] = Future()
+        self.express_take()
         with self._cv:
             if self.mode is Mode.ALONE:
                 raise StreamDown(f"peer not connected: {self.last_error}")
@@ -335,6 +348,12 @@ class Stream(PeerReader, StreamSender):
                 log.exception("replication: mode listener failed")
 
     def _fail(self, conn: int, reason: str) -> None:
+        if self._express_on:
+            with self._cv:
+                current = conn == self._conn
+            if current:
+                self.express_take(failing=reason)  # which fails the stream with `reason`
+                return
         with self._cv:
             if conn != self._conn or self.mode is Mode.ALONE:
                 return

@@ -45,6 +45,7 @@ class StreamSender:
     _progress_at: float
     _activity: ActivityLog
     mode: Mode
+    _express_on: bool
     bytes_sent: int
 
     def _fail(self, conn: int, reason: str) -> None:
@@ -71,7 +72,8 @@ class StreamSender:
             with self._cv:
                 while not self._closed and not (self._queue and self._sock is not None):
                     due = self._activity.seconds_to_barrier()
-                    if due is not None and self.mode is not Mode.ALONE:
+                    lent = self._express_on  # (streamexpress.py: then the C path's)
+                    if due is not None and self.mode is not Mode.ALONE and not lent:
                         if self._activity.barrier_due():
                             self._queue_barrier()  # writes paused: make them durable there
                             continue
