@@ -52,6 +52,9 @@ class DataPath:
     _early: tuple[Callable[[Op], int], Callable[[Op, int, str], None]] | None
     _sync_fhs: set[int]
     sync_on_close: bool
+    #: lend the stream to the express path (mount.py sets it when the mount has one): called
+    #: after the small writes and fsyncs that path would have served, never after large ones
+    lend: Callable[[], bool] | None = None
 
     def _enqueue(self, op: Op, *, decided: bool = False,
                  push: Callable[[Op], int] | None = None) -> int:
@@ -80,7 +83,10 @@ class DataPath:
             if name is None:
                 return n
             seq = self._enqueue(o.Write(name, offset, data if n == len(data) else data[:n]))
-        return self._written(name, fh, seq, n)
+        self._written(name, fh, seq, n)
+        if self.lend is not None:
+            self.lend()
+        return n
 
     def _pwrite(self, path: str | None, fh: int, data: bytes, offset: int) -> int:
         try:
@@ -154,6 +160,8 @@ class DataPath:
 
     def fsync(self, path: str | None, datasync: int, fi: Any) -> int:
         self._fsync(self._name(path, fi.fh), fi.fh, bool(datasync))
+        if self.lend is not None:
+            self.lend()
         return 0
 
     def flush(self, path: str | None, fi: Any) -> int:

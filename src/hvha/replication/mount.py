@@ -259,7 +259,7 @@ class MirrorMount:
                     wait=wait, handover=sink.express_take,
                     alive=lambda: sink.peer_alive is None or bool(sink.peer_alive()),
                     fault=fault, allowed=lambda: not fs.faults.errno)
-        fs.express = x
+        fs.express, fs.lend = x, sink.express_try_on
         fs.faults.listeners.append(x.fault)
         attach(x)
         return x

@@ -204,8 +204,6 @@ class Stream(PeerReader, StreamSender, StreamExpress):
         except OSError as exc:
             raise NotPersisted(errno.EIO, f"op {seq} not replicated and the dirty map could not"
                                f" be persisted ({exc}): check the state directory's disk") from exc
-        if self._express is not None:
-            self.express_try_on()
 
     def settled(self, seq: int) -> bool:
         """Wait until op `seq` is acknowledged (True) or the peer is lost (False). For the
