@@ -169,24 +169,6 @@ class Stream(PeerReader, StreamSender, StreamExpress):
         """enqueue(op, kick=False): for the FUSE layer, which always waits for its ops."""
         return self.enqueue(op, kick=False)
 
-    def diverged(self, op: ops.Op, seq: int, why: str) -> None:
-        """Op `seq` left for the peer before it was applied here, and applying it here failed
-        or fell short (a large write sent early, then ENOSPC or EIO locally): the peer may hold
-        data this copy lacks. Record the op dirty, durably, and drop the connection, so the
-        incremental resync that follows the reconnect puts the peer's copy back to this one.
-        Raises NotPersisted if the record cannot be made durable."""
-        with self._cv:
-            ticket = self.dirty.record(op)
-        try:
-            self.dirty.sync(ticket)
-        except OSError as exc:
-            raise NotPersisted(errno.EIO, f"op {seq} diverged and the dirty map could not be "
-                               f"persisted ({exc}): check the state directory's disk") from exc
-        self.detach(f"op {seq} was sent but failed locally ({why}): resync")
-        with self._cv:  # the caller reports the local error and never waits for seq
-            self._alone_seqs.discard(seq)
-            self._tickets.pop(seq, None)
-
     def wait(self, seq: int) -> None:
         """Return once op `seq` is acknowledged by the peer or durably recorded as dirty."""
         self._flush()

@@ -1,4 +1,5 @@
-"""The primary's sending side of the Stream: the sender thread, batching, global barriers.
+"""The primary's sending side of the Stream: the sender thread, batching, global barriers,
+and the repair of an op sent before it failed locally (`diverged`).
 
 Why a module of its own: how ops leave (whoever waits first sends what is queued, else the
 sender thread does; large buffers in pieces; a global barrier when the activity log's epoch
@@ -8,6 +9,7 @@ logic (stream.py). Stream owns the state used here; this mixin only sends it.
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from collections import deque
@@ -15,8 +17,9 @@ from concurrent.futures import Future
 
 from hvha.replication import ops, tls, wire
 from hvha.replication.activity import ActivityLog
+from hvha.replication.dirty import DirtyStore
 from hvha.replication.lane import Lane
-from hvha.replication.streamtypes import Mode
+from hvha.replication.streamtypes import Mode, NotPersisted
 from hvha.replication.wire import FrameType
 
 #: Large buffers are handed to TLS in pieces of this size, so the secondary decrypts and
@@ -46,10 +49,34 @@ class StreamSender:
     _activity: ActivityLog
     mode: Mode
     _express_on: bool
+    _alone_seqs: set[int]
+    _tickets: dict[int, int]
+    dirty: DirtyStore
     bytes_sent: int
 
     def _fail(self, conn: int, reason: str) -> None:
         raise NotImplementedError
+
+    def detach(self, reason: str = "detached by the operator") -> None:
+        raise NotImplementedError
+
+    def diverged(self, op: ops.Op, seq: int, why: str) -> None:
+        """Op `seq` left for the peer before it was applied here, and applying it here failed
+        or fell short (a large write sent early, then ENOSPC or EIO locally): the peer may hold
+        data this copy lacks. Record the op dirty, durably, and drop the connection, so the
+        incremental resync that follows the reconnect puts the peer's copy back to this one.
+        Raises NotPersisted if the record cannot be made durable."""
+        with self._cv:
+            ticket = self.dirty.record(op)
+        try:
+            self.dirty.sync(ticket)
+        except OSError as exc:
+            raise NotPersisted(errno.EIO, f"op {seq} diverged and the dirty map could not be "
+                               f"persisted ({exc}): check the state directory's disk") from exc
+        self.detach(f"op {seq} was sent but failed locally ({why}): resync")
+        with self._cv:  # the caller reports the local error and never waits for seq
+            self._alone_seqs.discard(seq)
+            self._tickets.pop(seq, None)
 
     def flush(self) -> None:
         """Send what is queued now, in the calling thread (e.g. a barrier before the caller's
