@@ -342,6 +342,7 @@ class MirrorMount:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Unmount (lazily if busy), end the loop and release the directory descriptor."""
+        ran = self._thread is not None  # then the loop drops the express path when it ends
         if self._thread is not None:
             err = _umount(self.path, 0) if is_mounted(self.path) else 0
             if err == errno.EBUSY:
@@ -357,7 +358,7 @@ class MirrorMount:
         elif self._fuse is not None:
             _lib.fuse_unmount(self._fuse)
             _lib.fuse_destroy(self._fuse)
-        if self._thread is None:  # (a loop that ran dropped it when it ended)
+        if not ran:
             self._drop_express()
         self._fuse = None
         if self.root_fd is not None:

@@ -331,9 +331,8 @@ class Stream(PeerReader, StreamSender, StreamExpress):
         if self._express_on:
             with self._cv:
                 current = conn == self._conn
-            if current:
-                self.express_take(failing=reason)  # which fails the stream with `reason`
-                return
+            if current:  # take the path back (it then fails the stream with `reason`;
+                self.express_take(failing=reason)  # below finds it done) or find it taken
         with self._cv:
             if conn != self._conn or self.mode is Mode.ALONE:
                 return

@@ -567,6 +567,8 @@ static void read_one(struct express *x)
 			 (const char *)p + 4, err);
 	} else if (t == F_NACK) {
 		snprintf(msg, sizeof msg, "(no reason given)");
+	} else if (t == F_ERROR) {
+		snprintf(msg, sizeof msg, "%.*s", (int)(n > 250 ? 250 : n), (const char *)p);
 	}
 	int alive = 1;
 	if (t == LANE_TIMEOUT && since(&x->progress) <= x->timeout)
@@ -584,6 +586,8 @@ static void read_one(struct express *x)
 	else if (t == LANE_TIMEOUT && !alive)
 		breaks(x, "silent, and the heartbeats say the peer is dead or no longer hears "
 		       "this node");
+	else if (t == F_ERROR)
+		breaks(x, "secondary: %s", msg);
 	else if (t == LANE_EOF)
 		breaks(x, "the secondary closed the connection");
 	else if (t == LANE_ERR)
