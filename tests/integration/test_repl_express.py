@@ -156,3 +156,19 @@ def test_getxattr_is_answered_in_c_as_in_python(lab: Lab) -> None:
         os.getxattr(lab.a / "nothing", "user.k")
     assert info.value.errno == errno.ENOENT
     assert os.getxattr(lab.b / "f", "user.k") == b"v" * 300  # and it was replicated
+
+
+def test_the_peer_closing_an_idle_lent_session_is_noticed(lab: Lab) -> None:
+    """The C handlers read only while they wait for an ack; with the path lent and idle, the
+    stream's receiver thread still watches the session and takes the path back when a frame
+    or the end arrives: the primary goes ALONE at once, not at its next write."""
+    r1, r2 = lab.start("node1"), lab.start("node2")
+    run(r1.become_primary())
+    until(r1.in_sync, "in sync")
+    errors: list[BaseException] = []
+    writer(lab.a / "db", 50, 4, errors).join(60)
+    assert not errors, errors
+    stream = lab.reps["node1"]._dirs[0].stream  # type: ignore[union-attr]
+    assert stream is not None and stream._express_on, "the path should be lent now"
+    r2.close()
+    until(lambda: r1.status()["dirs"][0]["mode"] == "alone", "primary ALONE", timeout=3)

@@ -376,8 +376,15 @@ def test_writes_made_durable_by_a_barrier_are_not_resent(
         assert pair.dirty.is_clean()
 
 
-def test_full_disk_on_the_secondary_goes_alone(tmp_path: Path,
-                                               certs: dict[str, tls.NodeCreds]) -> None:
+@pytest.mark.parametrize(("chunk", "n"), [(256 << 10, 8), (1 << 20, 4), (1 << 20, 2)],
+                         ids=["256k-writes", "1m-writes", "1m-the-last-fails"])
+def test_full_disk_on_the_secondary_goes_alone(tmp_path: Path, certs: dict[str, tls.NodeCreds],
+                                               chunk: int, n: int) -> None:
+    """A Write the secondary acknowledged on receipt and then could not store is answered with a
+    NACK, whether the lane received it into its input buffer (256 KiB) or its large frame
+    buffer (1 MiB), and even when no frame follows (1m-the-last-fails: the second MiB does not
+    fit; nobody waits for an ack then, and the receiver thread reads the NACK within its
+    one-second watch); the primary's dirty map holds every zone the secondary lacks."""
     if os.geteuid() != 0:
         pytest.skip("needs root to mount a small tmpfs")
     sec = tmp_path / "sec"
@@ -389,16 +396,20 @@ def test_full_disk_on_the_secondary_goes_alone(tmp_path: Path,
             pair.stream.try_mark_in_sync()
             pair.do(ops.Create("big", 0o644))
             last = 0
-            for i in range(8):  # 2 MiB into a 1 MiB file system
-                last = pair.do(ops.Write("big", i * 262144, os.urandom(262144)))
+            for i in range(n):  # 2-4 MiB into a 1 MiB file system
+                last = pair.do(ops.Write("big", i * chunk, os.urandom(chunk)))
+            deadline = time.monotonic() + 3
+            while pair.stream.mode is not Mode.ALONE and time.monotonic() < deadline:
+                time.sleep(0.005)
             st = pair.stream.status()
             assert st.mode is Mode.ALONE and "No space left" in st.last_error
-            assert st.acked_seq < last, "writes after the failure were acknowledged by the peer"
+            if n * chunk > 2 << 20:  # (else the failing write is the last: acked on receipt)
+                assert st.acked_seq < last, "writes after the failure were acknowledged"
             # every zone the secondary lacks is in the dirty map, from the first write it could
             # not store (the native lane acknowledged it on receipt, before the disk refused
             # it; the Python applier never did) to the end
             ours, theirs = (pair.prim / "big").read_bytes(), (sec / "big").read_bytes()
-            assert len(ours) == 2 << 20
+            assert len(ours) == n * chunk
             lacking = {z for z in range(len(ours) // 65536)
                        if ours[z * 65536:(z + 1) * 65536] != theirs[z * 65536:(z + 1) * 65536]}
             assert lacking, "the secondary stored everything on a 1 MiB file system?"

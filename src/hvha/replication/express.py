@@ -37,6 +37,7 @@ _SIGS: dict[str, tuple[Any, list[Any]]] = {
     "exp_on": (ctypes.c_int, [_p, _p, _u64, _u64, ctypes.c_double, ctypes.c_double, _u64, _u64,
                               ctypes.c_double]),
     "exp_take": (ctypes.c_int, [_p]),
+    "exp_idle": (ctypes.c_int, [_p]),
     "exp_state": (None, [_p, ctypes.POINTER(_u64), _c, ctypes.c_size_t]),
     "exp_fly": (_c, [_p, ctypes.c_uint32, ctypes.POINTER(_u64)]),
     "exp_epoch": (ctypes.POINTER(_u64), [_p, ctypes.c_uint32, ctypes.POINTER(_u64),
@@ -160,6 +161,10 @@ class Express:
         return bool(self._p) and self._lib.exp_on(
             self._p, lane_p, next_seq, acked, timeout, max_age, max_bytes, zone,
             -1.0 if epoch_age is None else epoch_age) == 1
+
+    def idle(self) -> bool:
+        """Lent, with nothing in flight or being read."""
+        return bool(self._p) and self._lib.exp_idle(self._p) == 1
 
     def take(self) -> Snapshot | None:
         """Take the lane back (returns once no C thread uses it) and read the books; None

@@ -42,6 +42,8 @@ class PeerReader:
     _progress_at: float
     timeout: float
     peer_alive: Callable[[], bool] | None
+    _express_on: bool
+    _express_watch: Callable[[tls.Channel | Lane], None]  # (streamexpress.py)
 
     def _handle(self, frame: wire.Frame, conn: int) -> None:
         raise NotImplementedError
@@ -116,10 +118,14 @@ class PeerReader:
                 with self._cv:
                     if conn != self._conn:
                         return
-                    if self._reading or self._waiters:  # a waiting thread reads
+                    lent = self._express_on and self._reading == conn
+                    if (self._reading or self._waiters) and not lent:  # a waiting thread reads
                         self._rx_wake.wait(1.0)
                         continue
                     busy = bool(self._pending or self._queries)
+                if lent:  # the express path reads while it has ops in flight (streamexpress)
+                    self._express_watch(sock)
+                    continue
                 if not busy and not readable(sock, 1.0):
                     continue  # idle: watch the socket without taking the reader's place
                 with self._cv:

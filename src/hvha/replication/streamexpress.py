@@ -25,6 +25,7 @@ from hvha.replication import ops
 from hvha.replication.activity import ActivityLog
 from hvha.replication.dirty import DirtyStore
 from hvha.replication.lane import Lane
+from hvha.replication.peerreader import readable
 from hvha.replication.streamtypes import Mode
 
 if TYPE_CHECKING:
@@ -129,6 +130,19 @@ class StreamExpress:
         reason = failing or (snap.reason if snap is not None else "")
         if reason:
             self._fail(conn, reason)
+
+    def _express_watch(self, sock: Any) -> None:
+        """The receiver thread's watch while the path is lent: the C handlers read only while
+        they wait for an ack, so a frame arriving while none is in flight (a NACK of a write
+        acknowledged on receipt, the peer closing) is nobody's: take the path back, and the
+        stream reads it as before (peerreader.py)."""
+        x = self._express
+        if x is None or not x.idle():
+            with self._cv:  # ops in flight: their handlers read; look again shortly
+                self._rx_wake.wait(0.05)
+            return
+        if readable(sock, 1.0) and x.idle():
+            self.express_take()
 
     def _express_import(self, s: Snapshot) -> None:
         """Put the C books into the stream's own (hold _cv)."""

@@ -284,6 +284,16 @@ int exp_take(struct express *x)
 	return 1;
 }
 
+/* Lent, and nothing of it in flight or being read: a frame arriving now is nobody's (a NACK
+ * of a write acknowledged on receipt, the peer closing): the stream should take it back. */
+int exp_idle(struct express *x)
+{
+	pthread_mutex_lock(&x->mu);
+	int idle = x->on && !x->taking && !x->reading && !x->sending && !x->nfly;
+	pthread_mutex_unlock(&x->mu);
+	return idle;
+}
+
 /* After exp_take: next seq, acked, last acked barrier, bytes sent, ops in flight, epochs,
  * ops served here; the failure seen here ("" if none) in reason. */
 void exp_state(struct express *x, uint64_t *out, char *reason, size_t n)
