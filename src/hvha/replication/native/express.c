@@ -68,7 +68,6 @@ struct express {
 	pthread_mutex_t mu, send_mu;
 	pthread_cond_t cv;
 	void *fuse;
-	context_fn context;
 	size_t fh_off;
 	write_fn py_write;
 	fsync_fn py_fsync;
@@ -110,18 +109,17 @@ static struct express *find(void **ctx_fuse)
 	return x;
 }
 
+/* libfuse's fuse_get_context (one libfuse per process: the same for every mount) */
+static context_fn context;
+
+/* The calling handler's mount. */
 static struct express *me(void)
 {
-	pthread_mutex_lock(&reg_mu);
-	context_fn c = NULL;
-	for (int i = 0; i < 64 && !c; i++)
-		if (reg[i])
-			c = reg[i]->context;
-	pthread_mutex_unlock(&reg_mu);
+	context_fn c = __atomic_load_n(&context, __ATOMIC_ACQUIRE);
 	return c ? find(c()[0]) : NULL;
 }
 
-struct express *exp_new(void *fuse, void *context, size_t fh_off, void *py_write, void *py_fsync,
+struct express *exp_new(void *fuse, void *ctx, size_t fh_off, void *py_write, void *py_fsync,
 			void *py_wait, void *py_handover, void *py_alive, void *py_fault)
 {
 	struct express *x = calloc(1, sizeof *x);
@@ -131,7 +129,7 @@ struct express *exp_new(void *fuse, void *context, size_t fh_off, void *py_write
 	pthread_mutex_init(&x->send_mu, NULL);
 	pthread_cond_init(&x->cv, NULL);
 	x->fuse = fuse;
-	x->context = (context_fn)context;
+	__atomic_store_n(&context, (context_fn)ctx, __ATOMIC_RELEASE);
 	x->fh_off = fh_off;
 	x->py_write = (write_fn)py_write;
 	x->py_fsync = (fsync_fn)py_fsync;
