@@ -81,7 +81,6 @@ class Snapshot:
     acked: int
     last_barrier: int  # the last barrier the peer acknowledged (0: none)
     bytes_sent: int
-    served: int  # ops served in C since the mount started
     reason: str  # the failure seen in C ("": none)
     #: ops sent and not acknowledged: (seq, kind, datasync, offset, length, name)
     fly: list[tuple[int, int, bool, int, int, str]] = field(default_factory=list)
@@ -142,14 +141,17 @@ class Express:
         if self._p:
             self._lib.exp_fh(self._p, fd, int(ok))
 
+    def _state(self, reason_size: int = 8) -> tuple[Any, str]:
+        """exp_state: (next, acked, last barrier, bytes sent, in flight, epochs, served),
+        and the failure seen in C."""
+        st = (_u64 * 7)()
+        why = ctypes.create_string_buffer(reason_size)
+        self._lib.exp_state(self._p, st, why, len(why))
+        return st, why.value.decode(errors="replace")
+
     def served(self) -> int:
         """Ops served in C since the mount started (for status and tests)."""
-        if not self._p:
-            return 0
-        st = (_u64 * 7)()
-        why = ctypes.create_string_buffer(8)
-        self._lib.exp_state(self._p, st, why, len(why))
-        return int(st[6])
+        return int(self._state()[0][6]) if self._p else 0
 
     def fault(self) -> None:
         """The mount's fault latch latched: fsyncs go to Python (which fails them)."""
@@ -172,10 +174,8 @@ class Express:
         if not self._p or self._lib.exp_take(self._p) != 1:
             return None
         p, lib = self._p, self._lib
-        st = (_u64 * 7)()
-        why = ctypes.create_string_buffer(600)
-        lib.exp_state(p, st, why, len(why))
-        snap = Snapshot(st[0], st[1], st[2], st[3], st[6], why.value.decode(errors="replace"))
+        st, why = self._state(600)
+        snap = Snapshot(st[0], st[1], st[2], st[3], why)
         row = (_u64 * 5)()
         for i in range(st[4]):
             name = lib.exp_fly(p, i, row) or b""

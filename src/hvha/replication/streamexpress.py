@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from hvha.replication import ops
 from hvha.replication.activity import ActivityLog
 from hvha.replication.dirty import DirtyStore
+from hvha.replication.express import KIND_FSYNC, KIND_WRITE
 from hvha.replication.lane import Lane
 from hvha.replication.peerreader import readable
 from hvha.replication.streamtypes import Mode
@@ -157,18 +158,15 @@ class StreamExpress:
                 act.close_epoch(barrier)
         for seq, kind, datasync, off, length, name in s.fly:
             op: ops.Op
-            if kind == 1:
+            if kind == KIND_WRITE:
                 op = ops.Write(name, off, _ZERO[:length])  # type: ignore[arg-type]
             else:
-                op = ops.Fsync(name if kind == 2 else None, datasync)
+                op = ops.Fsync(name if kind == KIND_FSYNC else None, datasync)
             self._pending[seq] = op
             self._order_q.append(seq)
         self._next = s.next
         self.bytes_sent += s.bytes_sent
         self._ack(s.acked)
-        self.express_served = s.served
         if s.fly or s.reason:
             log.debug("express path taken back: %d in flight, next %d, acked %d%s",
                       len(s.fly), s.next, s.acked, f" ({s.reason})" if s.reason else "")
-
-    express_served = 0
