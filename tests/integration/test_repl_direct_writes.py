@@ -19,7 +19,7 @@ import pytest
 from tests.integration.test_repl_early_send import mirrored
 from tests.integration.test_repl_stream import tree_digest
 
-from hvha.replication import tls
+from hvha.replication import express, tls
 from hvha.replication.directio import ALIGN, DIRECT_MIN, DirectWriter
 
 MIB = 1 << 20
@@ -125,16 +125,23 @@ def test_a_file_system_without_o_direct_is_written_buffered(tmp_path: Path) -> N
 
 
 @needs_root
+@pytest.mark.parametrize("path", ["express", "python"])
 def test_mirrored_large_writes_match_a_model_on_both_nodes(
-        tmp_path: Path, certs: dict[str, tls.NodeCreds]) -> None:
+        tmp_path: Path, certs: dict[str, tls.NodeCreds], path: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Through the FUSE mirror: write-only and read-write handles, large writes (direct on both
-    nodes) and small ones over the same pages; both copies equal the model, and the
-    secondary's copy of the large writes bypassed its page cache."""
+    nodes) and small ones over the same pages; both copies equal the model, and both nodes'
+    copies of the large writes bypassed their page cache. express: the large writes are
+    served in C (express.c's large_write) once the path is lent; python: HVHA_EXPRESS=0."""
+    if path == "python":
+        monkeypatch.setenv("HVHA_EXPRESS", "0")
+    elif not express.available()[0]:
+        pytest.skip(f"no express path here: {express.available()[1]}")
     prim = tmp_path / "prim"
     prim.mkdir()
     rng = random.Random(4)
     model = bytearray()
-    with mirrored(tmp_path, certs, prim) as (_, stream, _dirty, sec):
+    with mirrored(tmp_path, certs, prim) as (mount, stream, _dirty, sec):
         big = rng.randbytes(16 * MIB)
         fd = os.open(prim / "img", os.O_WRONLY | os.O_CREAT, 0o644)
         try:
@@ -145,6 +152,10 @@ def test_mirrored_large_writes_match_a_model_on_both_nodes(
             os.close(fd)
         apply_model(model, 0, big)
         assert resident(sec / "img") < MIB, "the secondary's large writes went through its cache"
+        backing = Path(f"/proc/{os.getpid()}/fd/{mount.root_fd}/img")
+        assert resident(backing) < 2 * MIB, "the primary's large writes went through its cache"
+        x = mount._express
+        assert (x is not None and x.served() >= 15) == (path == "express")
         for access in (os.O_WRONLY, os.O_RDWR):
             fd = os.open(prim / "img", access)
             try:
@@ -161,3 +172,41 @@ def test_mirrored_large_writes_match_a_model_on_both_nodes(
         assert (sec / "img").read_bytes() == bytes(model)
         assert stream.status().in_sync
         assert tree_digest(prim) == tree_digest(sec)
+
+
+@needs_root
+@pytest.mark.parametrize("path", ["express", "python"])
+def test_mirrored_large_writes_on_a_file_system_without_o_direct(
+        tmp_path: Path, certs: dict[str, tls.NodeCreds], path: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The primary's directory on ramfs (no O_DIRECT): large writes are written buffered
+    there, in C as in Python, and both copies equal the model."""
+    if path == "python":
+        monkeypatch.setenv("HVHA_EXPRESS", "0")
+    elif not express.available()[0]:
+        pytest.skip(f"no express path here: {express.available()[1]}")
+    prim = tmp_path / "prim"
+    prim.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "hvha-test", str(prim)], check=True)
+    try:
+        assert not supports_direct(prim), "ramfs accepted O_DIRECT: this test needs another fs"
+        rng = random.Random(6)
+        model = bytearray()
+        with mirrored(tmp_path, certs, prim) as (mount, stream, _dirty, sec):
+            fd = os.open(prim / "img", os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                for off, chunk in [(0, rng.randbytes(MIB)), *random_writes(rng, 40, 6 * MIB)]:
+                    n = 0
+                    while n < len(chunk):
+                        n += os.pwrite(fd, chunk[n:], off + n)
+                    apply_model(model, off, chunk)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            x = mount._express
+            assert (x is not None and x.served() > 10) == (path == "express")
+            assert (prim / "img").read_bytes() == bytes(model)
+            assert (sec / "img").read_bytes() == bytes(model)
+            assert stream.status().in_sync
+    finally:
+        subprocess.run(["umount", "-l", str(prim)], check=False)

@@ -22,7 +22,7 @@ import pytest
 from tests.integration.test_repl_stream import make_pair, tree_digest
 from tests.replay_helper import serving
 
-from hvha.replication import blocks, tls
+from hvha.replication import blocks, express, tls
 from hvha.replication.dirty import DirtyStore
 from hvha.replication.mirrordata import EARLY_SEND
 from hvha.replication.mount import MirrorMount
@@ -79,8 +79,16 @@ def test_large_writes_sent_early_keep_order_with_small_writers(
         assert tree_digest(prim) == tree_digest(sec)
 
 
+@pytest.mark.parametrize("path", ["express", "python"])
 def test_a_write_sent_early_that_fails_locally_is_resynced_not_reported(
-        tmp_path: Path, certs: dict[str, tls.NodeCreds]) -> None:
+        tmp_path: Path, certs: dict[str, tls.NodeCreds], path: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """express: the failing write is sent by express.c's large_write (its local writer
+    thread meets the full disk); python: by the stream's sender thread (HVHA_EXPRESS=0)."""
+    if path == "python":
+        monkeypatch.setenv("HVHA_EXPRESS", "0")
+    elif not express.available()[0]:
+        pytest.skip(f"no express path here: {express.available()[1]}")
     prim = tmp_path / "prim"
     prim.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(prim)], check=True)
@@ -88,10 +96,14 @@ def test_a_write_sent_early_that_fails_locally_is_resynced_not_reported(
         with mirrored(tmp_path, certs, prim) as (mount, stream, dirty, sec):
             chunk = os.urandom(4 * EARLY_SEND)
             fd = os.open(prim / "big", os.O_WRONLY | os.O_CREAT, 0o644)
-            written, failure = 0, None
+            written, failure, in_c = 0, None, 0
             try:
                 for _ in range(8):  # 4 MiB into a 1 MiB file system
-                    n = os.write(fd, chunk)
+                    before = mount._express.served() if mount._express else 0
+                    try:
+                        n = os.write(fd, chunk)
+                    finally:
+                        in_c = (mount._express.served() if mount._express else 0) - before
                     written += n
                     if n < len(chunk):
                         break
@@ -99,6 +111,7 @@ def test_a_write_sent_early_that_fails_locally_is_resynced_not_reported(
                 failure = exc
             finally:
                 os.close(fd)
+            assert in_c == (path == "express"), "the failing write went the other path"
             if failure is not None:
                 assert failure.errno == errno.ENOSPC, failure
             else:

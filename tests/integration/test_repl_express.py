@@ -8,6 +8,7 @@ the middle of express writes records them dirty so the resync repairs the copy."
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import random
 import threading
@@ -37,8 +38,21 @@ def connection(lab: Lab) -> int:
 
 
 def writer(path: Path, n: int, seed: int, errors: list[BaseException],
-           stop: threading.Event | None = None) -> threading.Thread:
-    """4 KiB pwrite + fsync at random offsets of a 1 MiB file, as a database does."""
+           stop: threading.Event | None = None, large: bool = False) -> threading.Thread:
+    """4 KiB pwrite + fsync at random offsets of a 1 MiB file, as a database does. large:
+    every other write is 128 KiB to 1 MiB (express.c's large writes), at any offset, from a
+    page-aligned buffer (as QEMU's) or not (a Python bytes object)."""
+    aligned = mmap.mmap(-1, 1 << 20)
+
+    def data(rng: random.Random, i: int) -> bytes | memoryview:
+        if not large or i % 2:
+            return rng.randbytes(4096)
+        size = rng.choice((128 << 10, (128 << 10) + 512, 300_000, 1 << 20))
+        if i % 4:
+            return rng.randbytes(size)
+        aligned[:size] = rng.randbytes(size)
+        return memoryview(aligned)[:size]
+
     def run_() -> None:
         rng = random.Random(seed)
         try:
@@ -47,7 +61,8 @@ def writer(path: Path, n: int, seed: int, errors: list[BaseException],
                 for i in range(n):
                     if stop is not None and stop.is_set():
                         break
-                    os.pwrite(fd, rng.randbytes(4096), rng.randrange(256) * 4096)
+                    skew = rng.randrange(4096) if large and i % 3 else 0
+                    os.pwrite(fd, data(rng, i), rng.randrange(256) * 4096 + skew)
                     if i % 3 != 2:
                         os.fsync(fd) if i % 2 else os.fdatasync(fd)
             finally:
@@ -79,16 +94,51 @@ def test_small_writes_are_served_in_c_and_the_copies_stay_equal(
     assert connection(lab) == conn and r1.in_sync()
 
 
-def test_python_ops_racing_express_writes_keep_one_order(lab: Lab) -> None:
+def test_large_writes_are_sent_from_c_while_written_locally(lab: Lab) -> None:
+    """Writes of 128 KiB to 1 MiB: sent from FUSE's buffer while a C thread writes them here
+    (direct for the aligned middle, buffered head and tail); each is one op served in C, and
+    both copies hold the same bytes, through a write-only and a read-write handle."""
+    r1, _ = lab.start("node1"), lab.start("node2")
+    run(r1.become_primary())
+    until(r1.in_sync, "in sync")
+    conn = connection(lab)
+    rng = random.Random(11)
+    buf = mmap.mmap(-1, 1 << 20)  # page-aligned, as QEMU's: one FUSE request per write
+    cases = [(1 << 20, 0), (1 << 20, 3 * 4096 + 100), (128 << 10, 4096), ((128 << 10) + 1, 7),
+             (300_000, 5 << 20), (1 << 20, (1 << 20) - 1)]
+    fd = os.open(lab.a / "img", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, b"x" * 4096, 0)
+        os.fsync(fd)  # served in Python first (the path is not lent yet), then lent
+        before = served(lab)
+        for size, off in cases:
+            buf[:size] = rng.randbytes(size)
+            assert os.pwrite(fd, memoryview(buf)[:size], off) == size
+        assert served(lab) - before == len(cases), "each large write should be one C op"
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    with open(lab.a / "img", "rb+") as f:  # a read-write handle: through the mount's cache
+        for size, off in cases:
+            f.seek(off + 5)
+            f.write(rng.randbytes(size))
+        os.fsync(f.fileno())
+    assert digest(lab.a) == digest(lab.b)
+    assert connection(lab) == conn and r1.in_sync(), "the session failed on the way"
+
+
+@pytest.mark.parametrize("large", [False, True], ids=["4k", "with-large-writes"])
+def test_python_ops_racing_express_writes_keep_one_order(lab: Lab, large: bool) -> None:
     """Truncates of the file being written, renames, creates and unlinks go through Python and
-    take the express path back each time; whatever the interleaving, both copies end equal."""
+    take the express path back each time; whatever the interleaving, both copies end equal.
+    With large writes, a take-back also waits for a large write's local part in C."""
     r1, _ = lab.start("node1"), lab.start("node2")
     run(r1.become_primary())
     until(r1.in_sync, "in sync")
     conn = connection(lab)
     errors: list[BaseException] = []
     stop = threading.Event()
-    threads = [writer(lab.a / "db", 100_000, s, errors, stop) for s in (1, 2)]
+    threads = [writer(lab.a / "db", 100_000, s, errors, stop, large) for s in (1, 2)]
     rng = random.Random(7)
     for i in range(150):
         choice = rng.randrange(4)
@@ -111,13 +161,14 @@ def test_python_ops_racing_express_writes_keep_one_order(lab: Lab) -> None:
     assert connection(lab) == conn and r1.in_sync(), "the session failed on the way"
 
 
-def test_losing_the_peer_mid_express_records_dirty_and_resyncs(lab: Lab) -> None:
+@pytest.mark.parametrize("large", [False, True], ids=["4k", "with-large-writes"])
+def test_losing_the_peer_mid_express_records_dirty_and_resyncs(lab: Lab, large: bool) -> None:
     r1, r2 = lab.start("node1"), lab.start("node2")
     run(r1.become_primary())
     until(r1.in_sync, "in sync")
     errors: list[BaseException] = []
     stop = threading.Event()
-    t = writer(lab.a / "db", 1_000_000, 3, errors, stop)
+    t = writer(lab.a / "db", 1_000_000, 3, errors, stop, large)
     until(lambda: served(lab) > 300, "express writes flowing")
     r2.close()  # the secondary goes away while writes are in flight in C
     until(lambda: r1.status()["dirs"][0]["mode"] == "alone", "primary ALONE")

@@ -1,4 +1,4 @@
-"""The express path: a mirror mount's small writes and fsyncs served in C (native/express.c).
+"""The express path: a mirror mount's writes and fsyncs served in C (native/express.c).
 
 Why: with the Python data path a 4 KiB write + fsync cost about 100 us of interpreter on the
 primary per pair, most of the gap to the disk (docs/benchmarks.md). While the stream is in
@@ -8,10 +8,12 @@ without the interpreter. The stream takes the path back before any op of its own
 failure (Stream.express_take), reading the ops in flight and the activity records into its
 books (`Snapshot`), so going ALONE, the dirty map and the activity log work as before.
 
-Served in C: writes under 128 KiB and fsync/fdatasync, on handles that are not O_SYNC, of a
-mount without exclude patterns, while no local fault is latched. Everything else (and every
-request while the path is not lent) goes to the Python handlers, unchanged. HVHA_EXPRESS=0
-turns it off (tests run both ways).
+Served in C: writes up to 4 MiB and fsync/fdatasync, on handles that are not O_SYNC, of a
+mount without exclude patterns, while no local fault is latched. Writes of 128 KiB or more
+are sent from FUSE's buffer while a C thread writes them locally (direct, as directio.py
+does); if that local write fails after the send, `diverged` repairs it as the Python early
+send does. Everything else (and every request while the path is not lent) goes to the Python
+handlers, unchanged. HVHA_EXPRESS=0 turns it off (tests run both ways).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ log = logging.getLogger(__name__)
 
 _u64, _p, _c = ctypes.c_uint64, ctypes.c_void_p, ctypes.c_char_p
 _SIGS: dict[str, tuple[Any, list[Any]]] = {
-    "exp_new": (_p, [_p, _p, ctypes.c_size_t, _p, _p, _p, _p, _p, _p]),
+    "exp_new": (_p, [_p, _p, ctypes.c_size_t, _p, _p, _p, _p, _p, _p, _p]),
     "exp_bind": (None, [_p, _p, ctypes.c_int]),
     "exp_free": (None, [_p]),
     "exp_fh": (ctypes.c_int, [_p, _u64, ctypes.c_int]),
@@ -48,6 +50,11 @@ WAIT = ctypes.CFUNCTYPE(ctypes.c_int, _u64)
 HANDOVER = ctypes.CFUNCTYPE(None)
 ALIVE = ctypes.CFUNCTYPE(ctypes.c_int)
 FAULT = ctypes.CFUNCTYPE(None, _c, ctypes.c_int, ctypes.c_int)
+#: a large write's local part failed (n < 0: errno err) or fell short (n bytes) after it was
+#: sent: (path, offset, length, seq, n, err) -> 0 (answer the local result) or an errno
+DIVERGED = ctypes.CFUNCTYPE(ctypes.c_int, _c, _u64, _u64, _u64, ctypes.c_int64, ctypes.c_int)
+#: the largest write served in C (express.c LARGE; the kernel's FUSE writes are <= 1 MiB)
+LARGE = 4 << 20
 KIND_WRITE, KIND_FSYNC, KIND_BARRIER = 1, 2, 3
 
 
@@ -95,7 +102,8 @@ class Express:
     def __init__(self, table: Any, callbacks: dict[str, Any], fh_offset: int, context_fn: int, *,
                  wait: Callable[[int], int], handover: Callable[[], None],
                  alive: Callable[[], bool], fault: Callable[[str, bool, int], None],
-                 allowed: Callable[[], bool]) -> None:
+                 allowed: Callable[[], bool],
+                 diverged: Callable[[str, int, int, int, int, int], int] | None = None) -> None:
         assert _LIB is not None
         self._lib = _LIB
         self.allowed = allowed
@@ -106,7 +114,12 @@ class Express:
                      ALIVE(self._guard(lambda: int(alive()), 1)),
                      FAULT(self._guard(lambda p, d, e: fault(os.fsdecode(p), bool(d), e),
                                        None)))
-        ptrs = [ctypes.cast(f, _p).value for f in (self._py_write, self._py_fsync, *self._cbs)]
+        # without it, large writes stay in Python (their early send needs the same repair)
+        self._diverged = DIVERGED(self._guard(
+            lambda p, *rest: diverged(os.fsdecode(p), *rest), 5)) if diverged else None
+        ptrs = [ctypes.cast(f, _p).value
+                for f in (self._py_write, self._py_fsync, *self._cbs)]
+        ptrs.append(ctypes.cast(self._diverged, _p).value if self._diverged else None)
         p = self._lib.exp_new(None, context_fn, fh_offset, *ptrs)
         if not p:
             raise RuntimeError("express path: too many mounts in this process")

@@ -53,7 +53,7 @@ class DataPath:
     _sync_fhs: set[int]
     sync_on_close: bool
     #: lend the stream to the express path (mount.py sets it when the mount has one): called
-    #: after the small writes and fsyncs that path would have served, never after large ones
+    #: after the writes and fsyncs that path would have served
     lend: Callable[[], bool] | None = None
 
     def _enqueue(self, op: Op, *, decided: bool = False,
@@ -76,7 +76,10 @@ class DataPath:
     def write(self, path: str | None, data: bytes, offset: int, fi: Any) -> int:
         fh = fi.fh
         if len(data) >= EARLY_SEND and self._early is not None:
-            return self._write_early(path, data, offset, fh, *self._early)
+            n = self._write_early(path, data, offset, fh, *self._early)
+            if self.lend is not None:  # the next one may go to C (express.c's large_write)
+                self.lend()
+            return n
         with self.sink.ordered():
             n = self._pwrite(path, fh, data, offset)
             name = self._name(path, fh)
@@ -127,6 +130,13 @@ class DataPath:
             if n < len(data) and op is not None and seq:
                 self._diverged(diverged, op, seq, f"short write: {n} of {len(data)} bytes")
         return self._written(name, fh, seq, n)
+
+    def diverged_write(self, op: Op, seq: int, why: str) -> None:
+        """Op `seq`, a large write, was sent before it failed or fell short here (express.c's
+        large writes come here too): record it dirty and resync, as _write_early does."""
+        if self._early is None:
+            raise _fail(errno.EIO)
+        self._diverged(self._early[1], op, seq, why)
 
     @staticmethod
     def _diverged(diverged: Callable[[Op, int, str], None], op: Op, seq: int, why: str) -> None:

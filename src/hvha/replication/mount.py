@@ -28,6 +28,7 @@ from typing import Any
 import mfusepy  # type: ignore[import-untyped]
 
 from hvha.replication import express
+from hvha.replication import ops as o
 from hvha.replication.exclude import Excludes
 from hvha.replication.express import Express
 from hvha.replication.localfault import FaultLatch
@@ -254,11 +255,25 @@ class MirrorMount:
             fs.faults.note("fdatasync" if datasync else "fsync", op_path(path),
                            OSError(err, os.strerror(err)))
 
+        def diverged(path: str, off: int, length: int, seq: int, n: int, err: int) -> int:
+            """A large write sent by C failed or fell short here: as DataPath._write_early."""
+            name = op_path(path)
+            if n < 0:
+                fs.faults.note("write", path, OSError(err, os.strerror(err)))
+            sink.express_take()  # the op is in the stream's books now
+            why = os.strerror(err) if n < 0 else f"short write: {n} of {length} bytes"
+            try:
+                fs.diverged_write(o.Write(name, off, bytes(length)), seq, why)
+            except OSError as e:
+                return e.errno or errno.EIO
+            return 0
+
         x = Express(adaptor.table, adaptor.callbacks, mfusepy.fuse_file_info.fh.offset,
                     ctypes.cast(_lib.fuse_get_context, ctypes.c_void_p).value or 0,
                     wait=wait, handover=sink.express_take,
                     alive=lambda: sink.peer_alive is None or bool(sink.peer_alive()),
-                    fault=fault, allowed=lambda: not fs.faults.errno)
+                    fault=fault, allowed=lambda: not fs.faults.errno,
+                    diverged=diverged if hasattr(sink, "diverged") else None)
         fs.express, fs.lend = x, sink.express_try_on
         fs.faults.listeners.append(x.fault)
         attach(x)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from hvha.replication import ops
 from hvha.replication.activity import ActivityLog
 from hvha.replication.dirty import DirtyStore
-from hvha.replication.express import KIND_FSYNC, KIND_WRITE
+from hvha.replication.express import KIND_FSYNC, KIND_WRITE, LARGE
 from hvha.replication.lane import Lane
 from hvha.replication.peerreader import readable
 from hvha.replication.streamtypes import Mode
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from hvha.replication.express import Express, Snapshot
 
 log = logging.getLogger("hvha.replication.stream")
-_ZERO = memoryview(bytes(128 * 1024))  # lengths for imported writes (records need no data)
+_ZERO = memoryview(bytes(LARGE))  # lengths for imported writes (records need no data)
 
 
 class StreamExpress:

@@ -1,11 +1,14 @@
-/* The primary's express path: small writes and fsyncs served in C (driven by express.py).
+/* The primary's express path: writes and fsyncs served in C (driven by express.py).
  *
  * Why: a 4 KiB write + fsync makes two FUSE requests and two round trips to the secondary,
  * and in Python each request costs about 50 us of interpreter and thread hand-offs on the
- * primary (docs/benchmarks.md). While the stream is in sync and idle on the Python side,
- * the stream lends this code its sequence numbers and its lane (native/lane.c): the FUSE
- * write and fsync handlers then apply locally, number, send and wait for the cumulative ack
- * here, without the interpreter. Everything else stays in Python, and so does every
+ * primary (docs/benchmarks.md); a 1 MiB write is copied twice more in Python than here. While
+ * the stream is in sync and idle on the Python side, the stream lends this code its sequence
+ * numbers and its lane (native/lane.c): the FUSE write and fsync handlers then apply
+ * locally, number, send and wait for the cumulative ack here, without the interpreter. A
+ * large write (>= 128 KiB) is sent straight from FUSE's buffer by a sender thread while its
+ * handler writes it here (large_write), so the two overlap; later ops wait until both are
+ * done (`local`), so local order and send order are still stream order. Everything else stays in Python, and so does every
  * decision that is not the plain path: a handle or request this code does not serve, a
  * local error, a lost peer. The stream takes the path back (exp_take) before any op of
  * its own, and on any failure; it then reads what is in flight and the activity records
@@ -13,17 +16,20 @@
  *
  * Locks: `mu` guards the state; `send_mu` keeps sends in sequence order (taken before `mu`
  * is released, so numbering and sending stay in one order), and is never waited for under
- * `mu`. One thread reads the lane at a time (`reading`); exp_take waits for the reader and
- * the senders to leave the lane before it returns, so the stream may use and close it.
+ * `mu`. One thread reads the lane at a time (`reading`); exp_take waits for the reader, the
+ * senders and a large write in flight to finish before it returns, so the stream may use
+ * and close the lane and apply its own ops locally.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/xattr.h>
 #include <time.h>
@@ -31,6 +37,8 @@
 
 struct lane;
 int lane_send(struct lane *l, const unsigned char *data, size_t n);
+int lane_send2(struct lane *l, const unsigned char *head, size_t hn, const unsigned char *data,
+	       size_t n);
 int lane_next(struct lane *l);
 int lane_frame(struct lane *l, uint64_t *seq, unsigned char **payload, uint32_t *len);
 const char *lane_error(struct lane *l, int *kind);
@@ -41,7 +49,10 @@ enum { T_WRITE = 2, T_FSYNC = 16 };
 enum { LANE_EOF = 0, LANE_ERR = -1, LANE_TIMEOUT = -2 };
 enum { K_WRITE = 1, K_FSYNC = 2, K_BARRIER = 3 };
 #define HDR 16
-#define SMALL (128u << 10) /* larger writes go to Python (the early send, direct writes) */
+#define SMALL (128u << 10)  /* larger writes: sent while written locally (large_write) */
+#define LARGE (4u << 20)    /* larger still: Python (the FUSE default max is 1 MiB) */
+#define ALIGN 4096u
+#define BOUNCE LARGE
 #define MAXNAMES 1024
 #define MAXFLY 1024
 #define CACHE 4096
@@ -53,6 +64,7 @@ typedef void (*void_fn)(void);
 typedef int (*alive_fn)(void);
 typedef void (*fault_fn)(const char *, int, int);
 typedef void **(*context_fn)(void);
+typedef int (*diverged_fn)(const char *, uint64_t, uint64_t, uint64_t, int64_t, int);
 
 struct op {
 	uint64_t seq, off, len;
@@ -75,7 +87,18 @@ struct express {
 	void_fn py_handover;
 	alive_fn py_alive;
 	fault_fn py_fault;
+	diverged_fn py_diverged;
 	int on, taking, reading, sending, broken, fault, root;
+	/* large writes: `local` while one is in flight (sent by the sender thread `lw` while its
+	 * handler writes it here); later ops wait for it (local and stream order stay one) */
+	int local, lw_state, lw_posted, lw_done, lw_rc;
+	pthread_t lw;
+	pthread_cond_t lw_cv;
+	struct lane *lw_lane;
+	const unsigned char *lw_head, *lw_data;
+	size_t lw_hn, lw_size;
+	unsigned char *bounce;
+	int *twin; /* per handle: its O_DIRECT twin + 1; 0: not opened yet; -1: none */
 	struct lane *lane;
 	uint64_t next, acked, last_barrier, bytes_sent, served;
 	double timeout, max_age;
@@ -120,7 +143,8 @@ static struct express *me(void)
 }
 
 struct express *exp_new(void *fuse, void *ctx, size_t fh_off, void *py_write, void *py_fsync,
-			void *py_wait, void *py_handover, void *py_alive, void *py_fault)
+			void *py_wait, void *py_handover, void *py_alive, void *py_fault,
+			void *py_diverged)
 {
 	struct express *x = calloc(1, sizeof *x);
 	if (!x)
@@ -128,6 +152,7 @@ struct express *exp_new(void *fuse, void *ctx, size_t fh_off, void *py_write, vo
 	pthread_mutex_init(&x->mu, NULL);
 	pthread_mutex_init(&x->send_mu, NULL);
 	pthread_cond_init(&x->cv, NULL);
+	pthread_cond_init(&x->lw_cv, NULL);
 	x->fuse = fuse;
 	__atomic_store_n(&context, (context_fn)ctx, __ATOMIC_RELEASE);
 	x->fh_off = fh_off;
@@ -137,6 +162,7 @@ struct express *exp_new(void *fuse, void *ctx, size_t fh_off, void *py_write, vo
 	x->py_handover = (void_fn)py_handover;
 	x->py_alive = (alive_fn)py_alive;
 	x->py_fault = (fault_fn)py_fault;
+	x->py_diverged = (diverged_fn)py_diverged;
 	pthread_mutex_lock(&reg_mu);
 	int i = 0;
 	while (i < 64 && reg[i])
@@ -183,28 +209,53 @@ void exp_free(struct express *x)
 			reg[i] = NULL;
 	pthread_mutex_unlock(&reg_mu);
 	forget(x);
+	pthread_mutex_lock(&x->mu);
+	int joined = x->lw_state == 1;
+	x->lw_state = 2;
+	pthread_cond_broadcast(&x->lw_cv);
+	pthread_mutex_unlock(&x->mu);
+	if (joined)
+		pthread_join(x->lw, NULL);
+	for (size_t i = 0; i < x->fhcap; i++)
+		if (x->twin[i] > 0)
+			close(x->twin[i] - 1);
+	free(x->twin);
+	free(x->bounce);
 	free(x->fhok);
 	free(x);
 }
 
-/* A handle the express path may serve (1) or not (0: O_SYNC, closed). */
+/* A handle the express path may serve (1) or not (0: O_SYNC, closed). Said when a handle is
+ * set up and before it is closed: its O_DIRECT twin, if any, is closed (the number will
+ * name another file). */
 int exp_fh(struct express *x, uint64_t fh, int ok)
 {
 	pthread_mutex_lock(&x->mu);
 	if (fh >= x->fhcap && ok) {
 		size_t cap = fh + 1024;
 		unsigned char *p = realloc(x->fhok, cap);
-		if (!p) {
+		int *t = realloc(x->twin, cap * sizeof *t);
+		if (p)
+			x->fhok = p;
+		if (t)
+			x->twin = t;
+		if (!p || !t) {
 			pthread_mutex_unlock(&x->mu);
 			return 0;
 		}
 		memset(p + x->fhcap, 0, cap - x->fhcap);
-		x->fhok = p;
+		memset(t + x->fhcap, 0, (cap - x->fhcap) * sizeof *t);
 		x->fhcap = cap;
 	}
-	if (fh < x->fhcap)
+	int twin = 0;
+	if (fh < x->fhcap) {
 		x->fhok[fh] = (unsigned char)ok;
+		twin = x->twin[fh];
+		x->twin[fh] = 0;
+	}
 	pthread_mutex_unlock(&x->mu);
+	if (twin > 0)
+		close(twin - 1);
 	return 1;
 }
 
@@ -273,7 +324,7 @@ int exp_take(struct express *x)
 		return 0;
 	}
 	x->taking = 1;
-	while (x->reading || x->sending)
+	while (x->reading || x->sending || x->local)
 		pthread_cond_wait(&x->cv, &x->mu);
 	x->on = x->taking = 0;
 	x->lane = NULL;
@@ -287,7 +338,7 @@ int exp_take(struct express *x)
 int exp_idle(struct express *x)
 {
 	pthread_mutex_lock(&x->mu);
-	int idle = x->on && !x->taking && !x->reading && !x->sending && !x->nfly;
+	int idle = x->on && !x->taking && !x->reading && !x->sending && !x->local && !x->nfly;
 	pthread_mutex_unlock(&x->mu);
 	return idle;
 }
@@ -471,11 +522,12 @@ static unsigned char *frame_room(size_t n)
 	return fbuf;
 }
 
-/* Barrier (if any) + Write or Fsync frame into the thread's buffer; its length, 0: no memory. */
+/* Barrier (if any) + Write or Fsync frame into the thread's buffer; its length, 0: no memory.
+ * A Write without data (NULL): all but its data, which the caller sends after it. */
 static size_t encode(uint64_t bseq, uint64_t seq, const char *name, uint64_t off,
 		     const char *data, size_t len, int kind, int datasync)
 {
-	size_t nl = strlen(name), need = 2 * HDR + 3 + 5 + nl + 12 + len + 2;
+	size_t nl = strlen(name), need = 2 * HDR + 3 + 5 + nl + 12 + (data ? len : 0) + 2;
 	unsigned char *p = frame_room(need), *s = p;
 	if (!p)
 		return 0;
@@ -492,8 +544,10 @@ static size_t encode(uint64_t bseq, uint64_t seq, const char *name, uint64_t off
 		memcpy(p, name, nl);
 		p = put(p + nl, off, 8);
 		p = put(p, len, 4);
-		memcpy(p, data, len);
-		p += len;
+		if (data) {
+			memcpy(p, data, len);
+			p += len;
+		}
 	} else {
 		p = header(p, seq, (uint32_t)(1 + 1 + 4 + nl + 1));
 		*p++ = T_FSYNC;
@@ -506,21 +560,20 @@ static size_t encode(uint64_t bseq, uint64_t seq, const char *name, uint64_t off
 	return (size_t)(p - s);
 }
 
-/* Number and send an op, after a barrier if one is due (hold mu; returns with it
- * released): its seq, or 0 if it was not taken here (nothing numbered, nothing sent: the
- * caller goes to Python). */
-static uint64_t send_op(struct express *x, uint32_t kind, const char *name, uint64_t off,
-			const char *data, size_t len, int datasync)
+/* Number an op, after a barrier if one is due, keep its books and encode its frame into
+ * the thread's buffer (data NULL: all of a Write but its data), holding mu: its seq and the
+ * frame's length, or 0 if it was not taken here (nothing numbered: the caller goes to
+ * Python). */
+static uint64_t book(struct express *x, uint32_t kind, const char *name, uint64_t off,
+		     const char *data, size_t len, int datasync, size_t *frame)
 {
 	uint32_t id;
 	int due = barrier_due(x);
 	size_t n = 0;
 	if (x->nfly + 2 > MAXFLY || !intern(x, name, &id) || (due && !reserve_epoch(x)) ||
 	    !(n = encode(due ? x->next : 0, x->next + (uint64_t)due, name, off, data, len,
-			 (int)kind, datasync))) {
-		pthread_mutex_unlock(&x->mu);
+			 (int)kind, datasync)))
 		return 0;
-	}
 	if (!x->nfly) /* was idle: the no-answer clock starts now */
 		clock_gettime(CLOCK_MONOTONIC, &x->progress);
 	if (due) {
@@ -537,6 +590,21 @@ static uint64_t send_op(struct express *x, uint32_t kind, const char *name, uint
 			breaks(x, "out of memory for the activity log");
 	}
 	x->served++;
+	*frame = n;
+	return seq;
+}
+
+/* Number and send an op (hold mu; returns with it released): its seq, or 0 if it was not
+ * taken here (nothing numbered, nothing sent: the caller goes to Python). */
+static uint64_t send_op(struct express *x, uint32_t kind, const char *name, uint64_t off,
+			const char *data, size_t len, int datasync)
+{
+	size_t n = 0;
+	uint64_t seq = book(x, kind, name, off, data, len, datasync, &n);
+	if (!seq) {
+		pthread_mutex_unlock(&x->mu);
+		return 0;
+	}
 	x->sending++;
 	struct lane *l = x->lane;
 	pthread_mutex_lock(&x->send_mu);
@@ -644,15 +712,236 @@ static int usable(struct express *x, uint64_t fh)
 	return x->on && !x->taking && !x->broken && fh < x->fhcap && x->fhok[fh];
 }
 
+/* ------------------------------------------------------------- large writes, local side */
+
+static ssize_t pwrite1(int fd, const char *p, size_t n, off_t off)
+{
+	ssize_t w;
+	do
+		w = pwrite(fd, p, n, off);
+	while (w < 0 && errno == EINTR);
+	return w;
+}
+
+/* The handle's O_DIRECT twin (opened at its first large write), or -1: none. Only the large
+ * write in flight (one at a time) opens or refuses twins; exp_fh closes them (never during
+ * a write of that handle). */
+static int twin_of(struct express *x, int fd)
+{
+	pthread_mutex_lock(&x->mu);
+	int t = (size_t)fd < x->fhcap ? x->twin[fd] : -1;
+	pthread_mutex_unlock(&x->mu);
+	if (t)
+		return t > 0 ? t - 1 : -1;
+	struct stat st;
+	char p[64];
+	snprintf(p, sizeof p, "/proc/self/fd/%d", fd);
+	/* regular files only (reopening a FIFO for writing could block) */
+	t = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) ?
+		    open(p, O_WRONLY | O_DIRECT | O_CLOEXEC | O_NONBLOCK) : -1;
+	pthread_mutex_lock(&x->mu);
+	if ((size_t)fd < x->fhcap)
+		x->twin[fd] = t >= 0 ? t + 1 : -1;
+	else if (t >= 0) {
+		close(t);
+		t = -1;
+	}
+	pthread_mutex_unlock(&x->mu);
+	return t;
+}
+
+static void refuse_twin(struct express *x, int fd)
+{
+	pthread_mutex_lock(&x->mu);
+	int t = (size_t)fd < x->fhcap ? x->twin[fd] : 0;
+	if ((size_t)fd < x->fhcap)
+		x->twin[fd] = -1;
+	pthread_mutex_unlock(&x->mu);
+	if (t > 0)
+		close(t - 1);
+}
+
+/* Through the aligned bounce buffer: how much went (short if refused or the disk fell
+ * short); -1 with *err if nothing did and it was not a refusal. */
+static ssize_t direct(struct express *x, int fd, int twin, const char *p, size_t n, off_t off,
+		      int *err)
+{
+	size_t done = 0;
+	while (done < n) {
+		size_t k = n - done > BOUNCE ? BOUNCE : n - done;
+		memcpy(x->bounce, p + done, k);
+		ssize_t w = pwrite1(twin, (const char *)x->bounce, k, off + (off_t)done);
+		if (w < 0) {
+			if (errno == EINVAL)
+				refuse_twin(x, fd);
+			else if (done == 0)
+				return (*err = errno), -1;
+			return (ssize_t)done;
+		}
+		done += (size_t)w;
+		if ((size_t)w < k)
+			break;
+	}
+	return (ssize_t)done;
+}
+
+/* The local part of a large write, as directio.py does it: the 4 KiB-aligned middle straight
+ * to the disk through the handle's O_DIRECT twin (copied into an aligned buffer: FUSE's is
+ * not aligned), the unaligned head and tail buffered. Returns the bytes written (short only
+ * where the disk fell short), or -1 with *err if nothing was. EINVAL from the twin: this file
+ * system refuses O_DIRECT, the handle is served buffered from then on. */
+static ssize_t local_write(struct express *x, int fd, const char *p, size_t n, off_t off,
+			   int *err)
+{
+	size_t head = (ALIGN - (size_t)off % ALIGN) % ALIGN;
+	size_t body = n > head ? (n - head) & ~(size_t)(ALIGN - 1) : 0;
+	int twin = body && x->bounce ? twin_of(x, fd) : -1;
+	ssize_t w;
+	if (twin < 0) {
+		w = pwrite1(fd, p, n, off);
+		return w < 0 ? ((*err = errno), -1) : w;
+	}
+	size_t done = 0;
+	if (head) {
+		if ((w = pwrite1(fd, p, head, off)) < 0)
+			return (*err = errno), -1;
+		if ((size_t)w < head)
+			return w;
+		done = head;
+	}
+	w = direct(x, fd, twin, p + done, body, off + (off_t)done, err);
+	if (w < 0)
+		return done ? (ssize_t)done : -1;
+	done += (size_t)w;
+	if (done < n) { /* the tail, or what the twin refused or fell short of: buffered */
+		w = pwrite1(fd, p + done, n - done, off + (off_t)done);
+		if (w < 0 && !done)
+			return (*err = errno), -1;
+		if (w > 0)
+			done += (size_t)w;
+	}
+	return (ssize_t)done;
+}
+
+/* The large-write sender thread: sends each posted large write while its handler writes it
+ * here. Nothing else is numbered meanwhile (`local`), so nothing can send before it. */
+static void *large_sender(void *arg)
+{
+	struct express *x = arg;
+	pthread_mutex_lock(&x->mu);
+	for (;;) {
+		while (!x->lw_posted && x->lw_state == 1)
+			pthread_cond_wait(&x->lw_cv, &x->mu);
+		if (x->lw_state != 1)
+			break;
+		x->lw_posted = 0;
+		struct lane *l = x->lw_lane;
+		const unsigned char *head = x->lw_head, *data = x->lw_data;
+		size_t hn = x->lw_hn, n = x->lw_size;
+		pthread_mutex_unlock(&x->mu);
+		pthread_mutex_lock(&x->send_mu);
+		int rc = lane_send2(l, head, hn, data, n);
+		pthread_mutex_unlock(&x->send_mu);
+		pthread_mutex_lock(&x->mu);
+		x->lw_rc = rc;
+		x->lw_done = 1;
+		pthread_cond_broadcast(&x->cv);
+	}
+	pthread_mutex_unlock(&x->mu);
+	return NULL;
+}
+
+/* Start the sender thread and allocate the aligned buffer once (hold mu): 0 if they cannot
+ * be had (large writes then stay in Python). */
+static int large_ready(struct express *x)
+{
+	if (x->lw_state == 1)
+		return 1;
+	if (x->lw_state)
+		return 0;
+	void *b = NULL;
+	if (posix_memalign(&b, ALIGN, BOUNCE)) {
+		x->lw_state = 3;
+		return 0;
+	}
+	x->bounce = b;
+	x->lw_state = 1;
+	if (pthread_create(&x->lw, NULL, large_sender, x)) {
+		x->lw_state = 3;
+		return 0;
+	}
+	return 1;
+}
+
+/* A large write: numbered, then sent straight from FUSE's buffer by the sender thread while
+ * this handler writes it here, so the send, the peer's receive and the local disk write
+ * overlap (as the Python path's early send does). If the local write then fails or falls
+ * short, the peer may hold data this copy lacks: Python records the op dirty and resyncs
+ * (py_diverged: the stream's `diverged`), and the app gets the local result, as it would
+ * without replication. */
+static int large_write(struct express *x, const char *path, const char *buf, size_t size,
+		       off_t off, void *fi)
+{
+	uint64_t fh = fh_of(x, fi);
+	pthread_mutex_lock(&x->mu);
+	while (x->local && usable(x, fh)) /* another large write is in flight */
+		pthread_cond_wait(&x->cv, &x->mu);
+	size_t hn = 0;
+	uint64_t seq = 0;
+	if (!x->py_diverged || !usable(x, fh) || !large_ready(x) ||
+	    !(seq = book(x, K_WRITE, path + 1, (uint64_t)off, NULL, size, 0, &hn))) {
+		pthread_mutex_unlock(&x->mu);
+		return x->py_write(path, buf, size, off, fi);
+	}
+	struct lane *l = x->lane;
+	x->local = 1;
+	x->sending++;
+	x->lw_lane = l;
+	x->lw_head = fbuf; /* this thread's: untouched until the send is done */
+	x->lw_hn = hn;
+	x->lw_data = (const unsigned char *)buf;
+	x->lw_size = size;
+	x->lw_done = 0;
+	x->lw_posted = 1;
+	pthread_cond_signal(&x->lw_cv);
+	pthread_mutex_unlock(&x->mu);
+	int err = 0;
+	ssize_t n = local_write(x, (int)fh, buf, size, off, &err);
+	pthread_mutex_lock(&x->mu);
+	while (!x->lw_done)
+		pthread_cond_wait(&x->cv, &x->mu);
+	int kind = 0;
+	if (x->lw_rc != 1)
+		breaks(x, "send failed: %s", lane_error(l, &kind));
+	else
+		x->bytes_sent += hn + size;
+	x->sending--;
+	x->local = 0;
+	pthread_cond_broadcast(&x->cv);
+	if (n == (ssize_t)size) {
+		int rc = wait_for(x, seq);
+		return rc ? rc : (int)n;
+	}
+	pthread_mutex_unlock(&x->mu);
+	int e = x->py_diverged(path, (uint64_t)off, size, seq, n, err);
+	if (e)
+		return -e;
+	return n >= 0 ? (int)n : -(err ? err : EIO);
+}
+
 int exp_write(const char *path, const char *buf, size_t size, off_t off, void *fi)
 {
 	struct express *x = me();
 	if (!x)
 		return -EIO;
 	uint64_t fh = fh_of(x, fi);
-	if (!path || !path[0] || !path[1] || size >= SMALL || off < 0)
+	if (!path || !path[0] || !path[1] || size > LARGE || off < 0)
 		return x->py_write(path, buf, size, off, fi);
+	if (size >= SMALL)
+		return large_write(x, path, buf, size, off, fi);
 	pthread_mutex_lock(&x->mu);
+	while (x->local && usable(x, fh)) /* a large write is still written here */
+		pthread_cond_wait(&x->cv, &x->mu);
 	if (!usable(x, fh)) {
 		pthread_mutex_unlock(&x->mu);
 		return x->py_write(path, buf, size, off, fi);
@@ -682,6 +971,8 @@ int exp_fsync(const char *path, int datasync, void *fi)
 	if (!path || !path[0] || !path[1])
 		return x->py_fsync(path, datasync, fi);
 	pthread_mutex_lock(&x->mu);
+	while (x->local && usable(x, fh))
+		pthread_cond_wait(&x->cv, &x->mu);
 	if (!usable(x, fh) || x->fault) {
 		pthread_mutex_unlock(&x->mu);
 		return x->py_fsync(path, datasync, fi);

@@ -362,11 +362,10 @@ const char *lane_error(struct lane *l, int *kind)
 /* ---------------------------------------------------------------------------- frames */
 
 /* Encrypt and send data, in pieces so the peer decrypts the first while this side encrypts
- * the next. Any thread; records stay in order. */
-int lane_send(struct lane *l, const unsigned char *data, size_t n)
+ * the next (hold send_mu). drain 0: leave the record in TLS's buffer, sent with the next. */
+static int send_pieces(struct lane *l, const unsigned char *data, size_t n, int drain_now)
 {
 	int rc = 1;
-	pthread_mutex_lock(&l->send_mu);
 	while (n && rc == 1) {
 		size_t k = n > SEND_PIECE ? SEND_PIECE : n, done = 0;
 		pthread_mutex_lock(&l->mu);
@@ -376,14 +375,36 @@ int lane_send(struct lane *l, const unsigned char *data, size_t n)
 		if (ok != 1)
 			tls_reason(reason, sizeof reason);
 		pthread_mutex_unlock(&l->mu);
-		if (ok != 1) {
-			rc = fail(l, E_TLS, "send failed: %s", reason);
-			break;
-		}
-		rc = drain(l);
+		if (ok != 1)
+			return fail(l, E_TLS, "send failed: %s", reason);
+		if (drain_now)
+			rc = drain(l);
 		data += done;
 		n -= done;
 	}
+	return rc;
+}
+
+/* Any thread; records stay in order. */
+int lane_send(struct lane *l, const unsigned char *data, size_t n)
+{
+	pthread_mutex_lock(&l->send_mu);
+	int rc = send_pieces(l, data, n, 1);
+	pthread_mutex_unlock(&l->send_mu);
+	if (__atomic_exchange_n(&l->reply_due, 0, __ATOMIC_SEQ_CST))
+		flush_out(l);
+	return rc;
+}
+
+/* A frame in two parts (a Write's header, then its data straight from the caller's buffer,
+ * without a copy into one frame): one record sequence, nothing between them. */
+int lane_send2(struct lane *l, const unsigned char *head, size_t hn, const unsigned char *data,
+	       size_t n)
+{
+	pthread_mutex_lock(&l->send_mu);
+	int rc = send_pieces(l, head, hn, 0);
+	if (rc == 1)
+		rc = n ? send_pieces(l, data, n, 1) : drain(l);
 	pthread_mutex_unlock(&l->send_mu);
 	if (__atomic_exchange_n(&l->reply_due, 0, __ATOMIC_SEQ_CST))
 		flush_out(l);
