@@ -8,11 +8,12 @@
  * locally, number, send and wait for the cumulative ack here, without the interpreter. A
  * large write (>= 128 KiB) is sent straight from FUSE's buffer by a sender thread while its
  * handler writes it here (large_write), so the two overlap; later ops wait until both are
- * done (`local`), so local order and send order are still stream order. Everything else stays in Python, and so does every
- * decision that is not the plain path: a handle or request this code does not serve, a
- * local error, a lost peer. The stream takes the path back (exp_take) before any op of
- * its own, and on any failure; it then reads what is in flight and the activity records
- * (exp_fly, exp_epoch) into its own books, and the waiting handlers ask it (py_wait).
+ * done (`local`), so local order and send order are still stream order. Everything else
+ * stays in Python, and so does every decision that is not the plain path: a handle or
+ * request this code does not serve, a local error, a lost peer. The stream takes the path
+ * back (exp_take) before any op of its own, and on any failure; it then reads what is in
+ * flight and the activity records (exp_fly, exp_epoch) into its own books, and the waiting
+ * handlers ask it (py_wait).
  *
  * Locks: `mu` guards the state; `send_mu` keeps sends in sequence order (taken before `mu`
  * is released, so numbering and sending stay in one order), and is never waited for under
