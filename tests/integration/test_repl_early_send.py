@@ -130,3 +130,52 @@ def test_a_write_sent_early_that_fails_locally_is_resynced_not_reported(
             assert tree_digest(prim) == tree_digest(sec)
     finally:
         subprocess.run(["umount", "-l", str(prim)], check=False)
+
+
+@pytest.mark.parametrize("n", [4, 1], ids=["4m", "the-only-one-fails"])
+def test_full_disk_on_the_secondary_under_large_writes_in_c(
+        tmp_path: Path, certs: dict[str, tls.NodeCreds], n: int) -> None:
+    """Large writes served in C (express.c's large_write) that the secondary cannot store (a
+    1 MiB tmpfs, half full): it NACKs (before or after acknowledging on receipt), the stream
+    takes the path back and goes ALONE, and every zone the secondary lacks is in the dirty
+    map; also when the failing write is the only one (the-only-one-fails)."""
+    if not express.available()[0]:
+        pytest.skip(f"no express path here: {express.available()[1]}")
+    prim, sec = tmp_path / "prim", tmp_path / "sec"
+    prim.mkdir()
+    sec.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(sec)], check=True)
+    try:
+        (sec / "filler").write_bytes(bytes(512 << 10))  # so the first MiB does not fit either
+        with make_pair(tmp_path, certs, sec=sec, prim=prim) as pair:
+            pair.stream.connect()
+            assert pair.stream.try_mark_in_sync()
+            with serving(MirrorMount(str(prim), pair.stream)) as mount:
+                assert mount._express is not None
+                fd = os.open(prim / "big", os.O_WRONLY | os.O_CREAT, 0o644)
+                try:
+                    os.fsync(fd)  # served in Python (the path is not lent yet), then lent
+                    before = mount._express.served()
+                    for i in range(n):  # 1-4 MiB into a 1 MiB file system
+                        try:
+                            os.pwrite(fd, os.urandom(1 << 20), i << 20)
+                        except OSError:  # a write after the NACK may fail (a fence) or not
+                            break
+                    in_c = mount._express.served() - before
+                finally:
+                    os.close(fd)
+                deadline = time.monotonic() + 3
+                while pair.stream.mode is not Mode.ALONE and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                st = pair.stream.status()
+                assert st.mode is Mode.ALONE and "No space left" in st.last_error, st.last_error
+                assert in_c >= 1, "the large writes should have been served in C"
+                ours = (prim / "big").read_bytes()
+                theirs = (sec / "big").read_bytes()
+                lacking = {z for z in range(len(ours) // 65536)
+                           if ours[z * 65536:(z + 1) * 65536] != theirs[z * 65536:(z + 1) * 65536]}
+                assert lacking, "the secondary stored everything on a 1 MiB file system?"
+                zones = set(pair.dirty.snapshot().zones["big"])
+                assert lacking <= zones, f"zones {sorted(lacking - zones)} not in the dirty map"
+    finally:
+        subprocess.run(["umount", "-l", str(sec)], check=False)
