@@ -32,6 +32,7 @@ class CustomBuildHook(BuildHookInterface):  # type: ignore[misc]
         try:
             subprocess.run(cmd, check=True, capture_output=True, text=True)
         except (OSError, subprocess.CalledProcessError) as exc:
+            out.unlink(missing_ok=True)  # never a stale build of older sources instead
             detail = getattr(exc, "stderr", "") or str(exc)
             print(f"hvha: native lane not built ({detail.strip()[:500]}): the Python applier "
                   "will serve replication (install gcc and libssl-dev, then reinstall)",
