@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from tests.integration.test_repl_early_send import lend_express
 from tests.integration.test_replicator import Lab, digest, lab, needs_root, run, until
 
 from hvha.replication import express
@@ -38,16 +39,10 @@ def connection(lab: Lab) -> int:
 
 
 def lend(lab: Lab, fd: int) -> None:
-    """Small writes + fsyncs until the stream has lent the path: each of them lends it when the
-    stream is idle, and one may find it busy (a timer barrier, an ack being read)."""
+    """Until node1's stream has lent the path (test_repl_early_send.lend_express)."""
     stream = lab.reps["node1"]._dirs[0].stream  # type: ignore[union-attr]
     assert stream is not None
-    for _ in range(200):
-        os.pwrite(fd, b"x" * 4096, 0)
-        os.fsync(fd)
-        if stream._express_on:
-            return
-    raise AssertionError("the stream never lent the express path")
+    lend_express(stream, fd)
 
 
 def writer(path: Path, n: int, seed: int, errors: list[BaseException],
