@@ -13,13 +13,14 @@ from __future__ import annotations
 import os
 import random
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tests.integration.test_repl_early_send import lend_express, mirrored
+from tests.integration.test_repl_early_send import choose_path, lend_express, mirrored
 from tests.integration.test_repl_stream import tree_digest
 
-from hvha.replication import express, tls
+from hvha.replication import tls
 from hvha.replication.directio import ALIGN, DIRECT_MIN, DirectWriter
 
 MIB = 1 << 20
@@ -64,6 +65,15 @@ def apply_model(model: bytearray, off: int, data: bytes) -> None:
     model[off:off + len(data)] = data
 
 
+def write_model(pwrite: Callable[[int, bytes, int], int], fd: int, off: int, chunk: bytes,
+                model: bytearray) -> None:
+    """All of chunk at off through pwrite (short writes resumed), and into the model."""
+    n = 0
+    while n < len(chunk):
+        n += pwrite(fd, chunk[n:], off + n)
+    apply_model(model, off, chunk)
+
+
 def test_direct_writes_match_a_model_and_skip_the_page_cache(tmp_path: Path) -> None:
     if not supports_direct(tmp_path):
         pytest.fail(f"{tmp_path} refuses O_DIRECT: run the tests on ext4/xfs/tmpfs")
@@ -83,10 +93,7 @@ def test_direct_writes_match_a_model_and_skip_the_page_cache(tmp_path: Path) -> 
         assert resident(path) >= len(data) - ALIGN
         rng = random.Random(2)
         for i, (off, chunk) in enumerate(random_writes(rng, 300, 12 * MIB)):
-            n = 0
-            while n < len(chunk):
-                n += w.pwrite(fd, chunk[n:], off + n)
-            apply_model(model, off, chunk)
+            write_model(w.pwrite, fd, off, chunk, model)
             if i % 7 == 0:
                 at = rng.randrange(len(model))
                 got = os.pread(reader, 2 * MIB, at)
@@ -133,10 +140,7 @@ def test_mirrored_large_writes_match_a_model_on_both_nodes(
     nodes) and small ones over the same pages; both copies equal the model, and both nodes'
     copies of the large writes bypassed their page cache. express: the large writes are
     served in C (express.c's large_write) once the path is lent; python: HVHA_EXPRESS=0."""
-    if path == "python":
-        monkeypatch.setenv("HVHA_EXPRESS", "0")
-    elif not express.available()[0]:
-        pytest.skip(f"no express path here: {express.available()[1]}")
+    choose_path(path, monkeypatch)
     prim = tmp_path / "prim"
     prim.mkdir()
     rng = random.Random(4)
@@ -161,10 +165,7 @@ def test_mirrored_large_writes_match_a_model_on_both_nodes(
             fd = os.open(prim / "img", access)
             try:
                 for off, chunk in random_writes(rng, 60, 18 * MIB):
-                    n = 0
-                    while n < len(chunk):
-                        n += os.pwrite(fd, chunk[n:], off + n)
-                    apply_model(model, off, chunk)
+                    write_model(os.pwrite, fd, off, chunk, model)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -182,10 +183,7 @@ def test_mirrored_large_writes_on_a_file_system_without_o_direct(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The primary's directory on ramfs (no O_DIRECT): large writes are written buffered
     there, in C as in Python, and both copies equal the model."""
-    if path == "python":
-        monkeypatch.setenv("HVHA_EXPRESS", "0")
-    elif not express.available()[0]:
-        pytest.skip(f"no express path here: {express.available()[1]}")
+    choose_path(path, monkeypatch)
     prim = tmp_path / "prim"
     prim.mkdir()
     subprocess.run(["mount", "-t", "ramfs", "hvha-test", str(prim)], check=True)
@@ -197,10 +195,7 @@ def test_mirrored_large_writes_on_a_file_system_without_o_direct(
             fd = os.open(prim / "img", os.O_WRONLY | os.O_CREAT, 0o644)
             try:
                 for off, chunk in [(0, rng.randbytes(MIB)), *random_writes(rng, 40, 6 * MIB)]:
-                    n = 0
-                    while n < len(chunk):
-                        n += os.pwrite(fd, chunk[n:], off + n)
-                    apply_model(model, off, chunk)
+                    write_model(os.pwrite, fd, off, chunk, model)
                 os.fsync(fd)
             finally:
                 os.close(fd)

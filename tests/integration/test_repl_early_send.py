@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.integration.test_repl_stream import make_pair, tree_digest
+from tests.integration.test_repl_stream import assert_lacking_zones_dirty, make_pair, tree_digest
 from tests.replay_helper import serving
 
 from hvha.replication import blocks, express, tls
@@ -32,6 +32,15 @@ from hvha.replication.stream import Mode, Stream
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
     reason="mounts FUSE and tmpfs file systems: needs root and /dev/fuse")
+
+
+def choose_path(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """"python": the mount's writes stay in Python (HVHA_EXPRESS=0); "express": served in C
+    once lent (skipped, saying why, where the express path cannot run)."""
+    if path == "python":
+        monkeypatch.setenv("HVHA_EXPRESS", "0")
+    elif not express.available()[0]:
+        pytest.skip(f"no express path here: {express.available()[1]}")
 
 
 def lend_express(stream: Stream, fd: int) -> None:
@@ -99,12 +108,9 @@ def test_large_writes_sent_early_keep_order_with_small_writers(
 def test_a_write_sent_early_that_fails_locally_is_resynced_not_reported(
         tmp_path: Path, certs: dict[str, tls.NodeCreds], path: str,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """express: the failing write is sent by express.c's large_write (its local writer
-    thread meets the full disk); python: by the stream's sender thread (HVHA_EXPRESS=0)."""
-    if path == "python":
-        monkeypatch.setenv("HVHA_EXPRESS", "0")
-    elif not express.available()[0]:
-        pytest.skip(f"no express path here: {express.available()[1]}")
+    """express: the failing write is sent by express.c's large_write (the handler's own local
+    write meets the full disk); python: by the stream's sender thread (HVHA_EXPRESS=0)."""
+    choose_path(path, monkeypatch)
     prim = tmp_path / "prim"
     prim.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(prim)], check=True)
@@ -190,12 +196,6 @@ def test_full_disk_on_the_secondary_under_large_writes_in_c(
                 st = pair.stream.status()
                 assert st.mode is Mode.ALONE and "No space left" in st.last_error, st.last_error
                 assert in_c >= 1, "the large writes should have been served in C"
-                ours = (prim / "big").read_bytes()
-                theirs = (sec / "big").read_bytes()
-                lacking = {z for z in range(len(ours) // 65536)
-                           if ours[z * 65536:(z + 1) * 65536] != theirs[z * 65536:(z + 1) * 65536]}
-                assert lacking, "the secondary stored everything on a 1 MiB file system?"
-                zones = set(pair.dirty.snapshot().zones["big"])
-                assert lacking <= zones, f"zones {sorted(lacking - zones)} not in the dirty map"
+                assert_lacking_zones_dirty(prim, sec, "big", pair.dirty)
     finally:
         subprocess.run(["umount", "-l", str(sec)], check=False)

@@ -267,6 +267,17 @@ def test_losing_the_applier_goes_alone_records_dirty_and_resyncs(
         assert stats.sent_bytes < 3 * len(data) + 200_000, "incremental resync sent too much"
 
 
+def assert_lacking_zones_dirty(prim: Path, sec: Path, name: str, dirty: DirtyStore) -> None:
+    """Some 64 KiB zone of `name` differs between the copies (the secondary's disk refused
+    it), and every zone that differs is in the primary's dirty map (zone_size 64 KiB)."""
+    ours, theirs = (prim / name).read_bytes(), (sec / name).read_bytes()
+    lacking = {z for z in range(len(ours) // 65536)
+               if ours[z * 65536:(z + 1) * 65536] != theirs[z * 65536:(z + 1) * 65536]}
+    assert lacking, "the secondary stored everything on a 1 MiB file system?"
+    zones = set(dirty.snapshot().zones[name])
+    assert lacking <= zones, f"zones {sorted(lacking - zones)} lost: not in the dirty map"
+
+
 def _wait_alone(pair: Pair) -> None:
     deadline = time.monotonic() + 10
     while pair.stream.mode is not Mode.ALONE and time.monotonic() < deadline:
@@ -408,13 +419,8 @@ def test_full_disk_on_the_secondary_goes_alone(tmp_path: Path, certs: dict[str, 
             # every zone the secondary lacks is in the dirty map, from the first write it could
             # not store (the native lane acknowledged it on receipt, before the disk refused
             # it; the Python applier never did) to the end
-            ours, theirs = (pair.prim / "big").read_bytes(), (sec / "big").read_bytes()
-            assert len(ours) == n * chunk
-            lacking = {z for z in range(len(ours) // 65536)
-                       if ours[z * 65536:(z + 1) * 65536] != theirs[z * 65536:(z + 1) * 65536]}
-            assert lacking, "the secondary stored everything on a 1 MiB file system?"
-            zones = set(pair.dirty.snapshot().zones["big"])
-            assert lacking <= zones, f"zones {sorted(lacking - zones)} lost: not in the dirty map"
+            assert len((pair.prim / "big").read_bytes()) == n * chunk
+            assert_lacking_zones_dirty(pair.prim, sec, "big", pair.dirty)
     finally:
         subprocess.run(["umount", "-l", str(sec)], check=False)
 

@@ -713,6 +713,15 @@ static int usable(struct express *x, uint64_t fh)
 	return x->on && !x->taking && !x->broken && fh < x->fhcap && x->fhok[fh];
 }
 
+/* usable() once no large write is in flight any more (hold mu): every op served here waits
+ * for one, so local order and send order stay stream order. */
+static int usable_next(struct express *x, uint64_t fh)
+{
+	while (x->local && usable(x, fh))
+		pthread_cond_wait(&x->cv, &x->mu);
+	return usable(x, fh);
+}
+
 /* ------------------------------------------------------------- large writes, local side */
 
 static ssize_t pwrite1(int fd, const char *p, size_t n, off_t off)
@@ -885,11 +894,9 @@ static int large_write(struct express *x, const char *path, const char *buf, siz
 {
 	uint64_t fh = fh_of(x, fi);
 	pthread_mutex_lock(&x->mu);
-	while (x->local && usable(x, fh)) /* another large write is in flight */
-		pthread_cond_wait(&x->cv, &x->mu);
 	size_t hn = 0;
 	uint64_t seq = 0;
-	if (!x->py_diverged || !usable(x, fh) || !large_ready(x) ||
+	if (!x->py_diverged || !usable_next(x, fh) || !large_ready(x) ||
 	    !(seq = book(x, K_WRITE, path + 1, (uint64_t)off, NULL, size, 0, &hn))) {
 		pthread_mutex_unlock(&x->mu);
 		return x->py_write(path, buf, size, off, fi);
@@ -941,9 +948,7 @@ int exp_write(const char *path, const char *buf, size_t size, off_t off, void *f
 	if (size >= SMALL)
 		return large_write(x, path, buf, size, off, fi);
 	pthread_mutex_lock(&x->mu);
-	while (x->local && usable(x, fh)) /* a large write is still written here */
-		pthread_cond_wait(&x->cv, &x->mu);
-	if (!usable(x, fh)) {
+	if (!usable_next(x, fh)) {
 		pthread_mutex_unlock(&x->mu);
 		return x->py_write(path, buf, size, off, fi);
 	}
@@ -972,9 +977,7 @@ int exp_fsync(const char *path, int datasync, void *fi)
 	if (!path || !path[0] || !path[1])
 		return x->py_fsync(path, datasync, fi);
 	pthread_mutex_lock(&x->mu);
-	while (x->local && usable(x, fh))
-		pthread_cond_wait(&x->cv, &x->mu);
-	if (!usable(x, fh) || x->fault) {
+	if (!usable_next(x, fh) || x->fault) {
 		pthread_mutex_unlock(&x->mu);
 		return x->py_fsync(path, datasync, fi);
 	}
