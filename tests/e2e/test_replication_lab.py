@@ -61,6 +61,25 @@ while True:
     n += 1
 """
 
+# A VM disk's writes: large records (128 KiB to 1 MiB, the express path's large writes) into a
+# ring of slots of an image file, opened O_DIRECT as qemu's cache=none does (or buffered, as
+# cache=writeback), each followed by fdatasync; record n goes to slot n % slots and holds
+# (n, crc32 of its payload). An acknowledged record survives unless a later one replaced it.
+IMAGE = """
+import mmap, os, struct, sys, zlib
+rec, slots, direct = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "direct"
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT | (os.O_DIRECT if direct else 0), 0o644)
+buf = mmap.mmap(-1, rec)  # page-aligned, as O_DIRECT needs
+n = 0
+while True:
+    payload = (os.urandom(8) * (rec // 8))[:rec - 12]
+    buf[:] = struct.pack(">QI", n, zlib.crc32(payload)) + payload
+    os.pwrite(fd, buf, (n % slots) * rec)
+    os.fdatasync(fd)
+    print(n, flush=True)
+    n += 1
+"""
+
 SQLITE = """
 import sqlite3, sys
 db = sqlite3.connect(sys.argv[1], isolation_level=None)
@@ -73,6 +92,10 @@ while True:
     print(n, flush=True)
     n += 1
 """
+
+
+IMAGE_RECORDS = (128 << 10, 256 << 10, 1 << 20)
+IMAGE_SLOTS = 32
 
 
 def _power_off(lab: Lab, node: str) -> None:
@@ -129,6 +152,37 @@ def _converged(lab: Lab, ledger: str, acked: set[int]) -> None:
            timeout=30)
 
 
+def _image_slots(path: Path, rec: int, slots: int) -> dict[int, int | None]:
+    """What each slot of an IMAGE file holds: the record number, or None (torn or damaged)."""
+    data = path.read_bytes() if path.exists() else b""
+    out: dict[int, int | None] = {}
+    for slot in range(min(slots, len(data) // rec)):
+        n, crc = struct.unpack_from(">QI", data, slot * rec)
+        ok = zlib.crc32(data[slot * rec + 12:(slot + 1) * rec]) == crc and n % slots == slot
+        out[slot] = n if ok else None
+    return out
+
+
+def _image_lost(path: Path, acked: set[int], rec: int, slots: int) -> list[str]:
+    """Acknowledged IMAGE records neither on disk nor replaced by a later record. Only the slot
+    of the record in flight (the one after the last acknowledged) may be torn."""
+    if not acked:
+        return []
+    held = _image_slots(path, rec, slots)
+    in_flight = (max(acked) + 1) % slots
+    lost = []
+    for slot in range(slots):
+        last = max((n for n in acked if n % slots == slot), default=None)
+        if last is None:
+            continue
+        got = held.get(slot)
+        if got is None and slot == in_flight:
+            continue  # overwritten by the unacknowledged record, torn by the fault
+        if got is None or got < last:
+            lost.append(f"slot {slot}: acknowledged record {last}, found {got}")
+    return lost
+
+
 def _apply_in_sync(lab: Lab) -> None:
     """`hvha apply` the replicated cluster; return once node1 is PRIM, node2 SECOND, in sync."""
     cluster = cluster_file(lab, replicated=DATA, name="replicated.yaml")
@@ -139,11 +193,13 @@ def _apply_in_sync(lab: Lab) -> None:
 
 
 class _Ledger:
-    """The ledger writer on `node`, its acknowledgements read as they come: (when, record)."""
+    """The ledger writer on `node` (or `program`: IMAGE), its acknowledgements read as they
+    come: (when, record)."""
 
-    def __init__(self, lab: Lab, node: str, path: str) -> None:
-        self.proc = lab.exec(node, [sys.executable, "-c", LEDGER, path], stdout=subprocess.PIPE,
-                             text=True)
+    def __init__(self, lab: Lab, node: str, path: str, program: str = LEDGER,
+                 args: tuple[str, ...] = ()) -> None:
+        self.proc = lab.exec(node, [sys.executable, "-c", program, path, *args],
+                             stdout=subprocess.PIPE, text=True)
         self.acks: list[tuple[float, int]] = []
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -178,8 +234,12 @@ def test_no_acknowledged_write_is_lost_across_power_offs(lab: Lab) -> None:
                           stdout=subprocess.PIPE, text=True)
         sqlite = lab.exec(primary, [sys.executable, "-c", SQLITE, f"{DATA}/db.sqlite"],
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        rec, mode = IMAGE_RECORDS[trial % 3], ("direct", "buffered")[trial % 2]
+        vm = _Ledger(lab, primary, f"{DATA}/image-{trial}", IMAGE,
+                     (str(rec), str(IMAGE_SLOTS), mode))
         try:
             assert ledger.stdout is not None and ledger.stdout.readline().strip() == "0"
+            _until(lambda: bool(vm.acks), "the image writer's first record")  # noqa: B023
             time.sleep(rng.uniform(0.3, 1.5))
             _power_off(lab, primary)
             acked = {0, *(int(x) for x in ledger.communicate(timeout=30)[0].split())}
@@ -189,10 +249,16 @@ def test_no_acknowledged_write_is_lost_across_power_offs(lab: Lab) -> None:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
+            vm.stop()
         wait_roles(lab, {primary: None, other: "ALONE"}, timeout=30)
         got = _records(lab.node_path(other, f"{DATA}/ledger-{trial}"))
         missing = sorted(acked - got)
         assert not missing, f"trial {trial}: acknowledged records lost: {missing[:5]}"
+        lost = _image_lost(lab.node_path(other, f"{DATA}/image-{trial}"), vm.acked(), rec,
+                           IMAGE_SLOTS)
+        assert not lost, f"trial {trial} ({rec} B {mode} image records): {lost[:3]}"
+        print(f"trial {trial}: {len(acked)} ledger and {len(vm.acks)} image records "
+              f"({rec // 1024} KiB, {mode}) acknowledged before the power-off")
         check = lab.exec(other, [sys.executable, "-c",
                                  "import sqlite3,sys; print(sqlite3.connect(sys.argv[1])"
                                  ".execute('PRAGMA integrity_check').fetchone()[0])",
@@ -599,15 +665,20 @@ def test_a_seeded_schedule_of_faults_loses_no_acknowledged_write(lab: Lab) -> No
     assert out.returncode == 0, out.stdout + out.stderr
     wait_roles(lab, {"node1": "PRIM", "node2": "SECOND"})
     rng = random.Random(FAULT_SEED)
+    disk = random.Random(FAULT_SEED + 1)  # the image writer's shape (keeps the fault schedule)
     for rnd in range(FAULT_ROUNDS):
         _until(lambda: _in_sync(lab) and set(roles(lab).values()) == {"PRIM", "SECOND"},
                "PRIM and SECOND in sync before the fault", timeout=120)
         prim, other = _primary(lab)
         fault = rng.choice(FAULTS)
         name = f"{DATA}/sched-{rnd}"
+        image, rec, mode = f"{DATA}/image-{rnd}", disk.choice(IMAGE_RECORDS), disk.choice(
+            ("direct", "buffered"))
         ledger = _Ledger(lab, prim, name)
+        vm = _Ledger(lab, prim, image, IMAGE, (str(rec), str(IMAGE_SLOTS), mode))
         try:
-            _until(lambda: bool(ledger.acks), "the writer's first record")  # noqa: B023
+            _until(lambda: bool(ledger.acks) and bool(vm.acks),  # noqa: B023
+                   "the writers' first records")
             time.sleep(rng.uniform(0.2, 1.5))
             if fault == "power_off_primary":
                 _power_off(lab, prim)
@@ -661,10 +732,16 @@ def test_a_seeded_schedule_of_faults_loses_no_acknowledged_write(lab: Lab) -> No
             for net in ("lan", "repl"):
                 lab.set_link(prim, net, up=True)
             ledger.stop()
+            vm.stop()
         _until(lambda: _in_sync(lab), f"round {rnd} ({fault}): in sync, writer stopped")
         for node in ("node1", "node2"):
             missing = sorted(ledger.acked() - _records(lab.node_path(node, name)))
             assert not missing, f"round {rnd} ({fault}): acknowledged records missing on " \
                                 f"{node}: {missing[:5]}"
+            lost = _image_lost(lab.node_path(node, image), vm.acked(), rec, IMAGE_SLOTS)
+            assert not lost, f"round {rnd} ({fault}, {rec} B {mode} records): on {node}: " \
+                             f"{lost[:3]}"
+        print(f"round {rnd}: {fault}: {len(ledger.acks)} ledger and {len(vm.acks)} image "
+              f"records ({rec // 1024} KiB, {mode}) acknowledged")
         assert (_tree_digest(lab.node_path("node1", DATA))
                 == _tree_digest(lab.node_path("node2", DATA))), f"round {rnd} ({fault})"
