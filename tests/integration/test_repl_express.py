@@ -11,6 +11,8 @@ import errno
 import mmap
 import os
 import random
+import shutil
+import subprocess
 import threading
 from pathlib import Path
 
@@ -233,3 +235,31 @@ def test_the_peer_closing_an_idle_lent_session_is_noticed(lab: Lab) -> None:
         until(lambda: r1.status()["dirs"][0]["mode"] == "alone", "primary ALONE", timeout=3)
     finally:
         os.close(fd)
+
+
+@pytest.mark.skipif(not shutil.which("setpriv"), reason="needs setpriv (util-linux) to write "
+                    "without CAP_FSETID")
+def test_a_setuid_file_is_not_served_in_c_and_drops_the_bit_on_both_copies(lab: Lab) -> None:
+    """A write-only (direct-I/O) handle of a setuid file, written by a process without
+    CAP_FSETID while the path is lent to C: the write goes through Python, which drops the bit
+    first (hvha.replication.killpriv), on both copies, as ext4 would."""
+    r1, _ = lab.start("node1"), lab.start("node2")
+    run(r1.become_primary())
+    until(r1.in_sync, "in sync")
+    tool = lab.a / "tool"
+    tool.write_bytes(b"x" * 8192)
+    os.chmod(tool, 0o4755)
+    until(lambda: (lab.b / "tool").exists() and (lab.b / "tool").stat().st_mode & 0o7777
+          == 0o4755, "the setuid file on node2")
+    fd = os.open(lab.a / "other", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        lend(lab, fd)
+    finally:
+        os.close(fd)
+    write = ("import mmap, os, sys; fd = os.open(sys.argv[1], os.O_WRONLY); "
+             "os.pwrite(fd, b'y' * 4096, 0); os.pwrite(fd, mmap.mmap(-1, 1 << 20), 4096)")
+    subprocess.run(["setpriv", "--bounding-set=-fsetid", "python3", "-c", write, str(tool)],
+                   check=True, timeout=60)
+    assert tool.stat().st_mode & 0o7777 == 0o755
+    until(lambda: digest(lab.a) == digest(lab.b), "both copies equal")
+    assert (lab.b / "tool").stat().st_mode & 0o7777 == 0o755

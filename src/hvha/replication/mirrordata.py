@@ -5,8 +5,9 @@ the secondary has it; fsync sends a barrier, fsyncs locally while the secondary 
 returns once both disks have the data. Large writes go to the stream's sender thread while
 this thread writes them here, straight to the disk (`_write_early`, directio). And the local
 disk's own failures are judged here (localfault): the first failed fsync, or EIO, latches,
-and every later fsync of the mount fails, never a late success. The namespace handlers
-(create, rename, ...) stay in mirrorfs.py.
+and every later fsync of the mount fails, never a late success. Where the kernel leaves it to
+the file system, a write drops setuid, setgid and file capabilities first (killpriv). The
+namespace handlers (create, rename, ...) stay in mirrorfs.py.
 """
 
 from __future__ import annotations
@@ -14,14 +15,18 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import mfusepy  # type: ignore[import-untyped]
 
+from hvha.replication import killpriv
 from hvha.replication import ops as o
 from hvha.replication.directio import DirectWriter
+from hvha.replication.express import Express
+from hvha.replication.killpriv import Privileged
 from hvha.replication.localfault import FaultLatch
 from hvha.replication.ops import Op
 
@@ -51,6 +56,9 @@ class DataPath:
     direct: DirectWriter
     _early: tuple[Callable[[Op], int], Callable[[Op, int, str], None]] | None
     _sync_fhs: set[int]
+    privs: Privileged
+    express: Express | None
+    root: int
     sync_on_close: bool
     #: lend the stream to the express path (mount.py sets it when the mount has one): called
     #: after the writes and fsyncs that path would have served
@@ -75,6 +83,8 @@ class DataPath:
 
     def write(self, path: str | None, data: bytes, offset: int, fi: Any) -> int:
         fh = fi.fh
+        if fh in self.privs.flagged:  # setuid, setgid or file capabilities to drop first
+            self._privileged_write(path, fh)
         if len(data) >= EARLY_SEND and self._early is not None:
             n = self._write_early(path, data, offset, fh, *self._early)
             if self.lend is not None:  # the next one may go to C (express.c's large_write)
@@ -90,6 +100,50 @@ class DataPath:
         if self.lend is not None:
             self.lend()
         return n
+
+    # -- setuid, setgid and file capabilities (killpriv.py)
+    def _track_writer(self, fd: int, flags: int) -> bool:
+        """A direct-I/O handle opened: True if writes through it must drop privileges first
+        (then C must not serve them)."""
+        if flags & os.O_ACCMODE == os.O_RDONLY:
+            return False
+        st = os.fstat(fd)
+        privileged = killpriv.carries(st.st_mode, killpriv.has_caps(fd))
+        self.privs.opened(fd, st.st_ino, privileged)
+        return privileged
+
+    def _drop_privileges(self, name: str | None, fd: int) -> list[Op]:
+        """Before a write or with a truncation (hold the order lock): drop them here as the
+        kernel would for this caller; the ops that replicate it."""
+        return killpriv.drop(fd, name, mfusepy.fuse_get_context()[2])
+
+    def _privileged_write(self, path: str | None, fh: int) -> None:
+        """A write through a direct-I/O handle of a file that carries privileges: the kernel
+        left dropping them to this file system."""
+        with self.sink.ordered():
+            seqs = [self._enqueue(op) for op in self._drop_privileges(self._name(path, fh), fh)]
+            if not killpriv.carries(os.fstat(fh).st_mode, killpriv.has_caps(fh)):
+                self.privs.cleared(fh)  # nothing left to drop: C may serve it again
+                if self.express is not None:
+                    self.express.fh(fh, fh not in self._sync_fhs)
+        if seqs:
+            self._wait(seqs[-1])
+
+    def _gained_privileges(self, backing: str) -> None:
+        """After a chmod or setxattr of `backing` (relative to the root descriptor): open
+        direct-I/O handles of a file that now carries privileges check them before writes."""
+        st = os.stat(backing, dir_fd=self.root, follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode):
+            return
+        fd = os.open(backing, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=self.root)
+        try:
+            if not killpriv.carries(st.st_mode, killpriv.has_caps(fd)):
+                return
+        finally:
+            os.close(fd)
+        for fh in self.privs.gained(st.st_ino):
+            if self.express is not None:
+                self.express.fh(fh, False)
 
     def _pwrite(self, path: str | None, fh: int, data: bytes, offset: int) -> int:
         try:

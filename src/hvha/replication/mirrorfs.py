@@ -33,6 +33,7 @@ from hvha.replication import ops as o
 from hvha.replication.directio import DirectWriter
 from hvha.replication.exclude import Excludes
 from hvha.replication.express import Express
+from hvha.replication.killpriv import CAPS, Privileged, carries
 from hvha.replication.localfault import FaultLatch
 from hvha.replication.mirrordata import DataPath, ReplicationSink, _fail
 from hvha.replication.mirrorrules import (
@@ -103,6 +104,7 @@ class MirrorFS(DataPath, mfusepy.Operations):  # type: ignore[misc]
         self._sync_fhs: set[int] = set()
         self.express: Express | None = None  # set by mount.py when small I/O is served in C
         self.direct = DirectWriter()
+        self.privs = Privileged()
         self._euid, self._egid = os.geteuid(), os.getegid()
 
     def _enqueue(self, op: Op, *, decided: bool = False,
@@ -216,8 +218,9 @@ class MirrorFS(DataPath, mfusepy.Operations):  # type: ignore[misc]
         fi.fh, fi.direct_io, fi.noflush = fd, plan.direct_io, not self.sync_on_close
         if plan.sync_writes:
             self._sync_fhs.add(fd)
+        privileged = plan.direct_io and self._track_writer(fd, fi.flags)
         if self.express is not None:  # (an fd number is reused: always say)
-            self.express.fh(fd, not plan.sync_writes)
+            self.express.fh(fd, not plan.sync_writes and not privileged)
 
     def open(self, path: str, fi: Any) -> int:
         plan = open_plan(fi.flags)
@@ -226,8 +229,10 @@ class MirrorFS(DataPath, mfusepy.Operations):  # type: ignore[misc]
             return 0
         with self.sink.ordered():
             fd = os.open(backing_path(path), plan.flags, dir_fd=self.root)
-            try:
-                seq = self._enqueue(o.Truncate(op_path(path), 0))
+            try:  # the truncation is done here: so is dropping privileges (killpriv.py)
+                for op in (o.Truncate(op_path(path), 0),
+                           *self._drop_privileges(op_path(path), fd)):
+                    seq = self._enqueue(op)
             except OSError:
                 os.close(fd)
                 raise
@@ -247,7 +252,8 @@ class MirrorFS(DataPath, mfusepy.Operations):  # type: ignore[misc]
                     raise
                 fd = os.open(bp, plan.flags, dir_fd=self.root)  # lost a race: plain open
                 if plan.truncates:
-                    pending.append(o.Truncate(op_path(path), 0))
+                    pending += [o.Truncate(op_path(path), 0),
+                                *self._drop_privileges(op_path(path), fd)]
             else:
                 try:
                     st = os.fstat(fd)
@@ -265,6 +271,7 @@ class MirrorFS(DataPath, mfusepy.Operations):  # type: ignore[misc]
 
     def release(self, path: str | None, fi: Any) -> int:
         self._sync_fhs.discard(fi.fh)
+        self.privs.closed(fi.fh)
         if self.express is not None:
             self.express.fh(fi.fh, False)
         self.direct.forget(fi.fh)
@@ -309,6 +316,8 @@ class MirrorFS(DataPath, mfusepy.Operations):  # type: ignore[misc]
     def copy_file_range(self, path_in: str | None, fi_in: Any, off_in: int, path_out: str | None,
                         fi_out: Any, off_out: int, length: int, flags: int) -> int:
         out = fi_out.fh
+        if out in self.privs.flagged:
+            self._privileged_write(path_out, out)
         return self._on_file(path_out, out, lambda: os.copy_file_range(
             fi_in.fh, out, min(length, COPY_CHUNK), off_in, off_out),
             lambda name, n: o.Write(name, off_out, os.pread(out, n, off_out)) if n else None)
@@ -389,8 +398,11 @@ class MirrorFS(DataPath, mfusepy.Operations):  # type: ignore[misc]
         _check(_libc.renameat2(self.root, os.fsencode(old), self.root, os.fsencode(new), flags))
 
     def chmod(self, path: str, mode: int) -> int:
-        return self._simple(o.Chmod(op_path(path), mode & 0o7777), os.chmod, backing_path(path),
-                            mode & 0o7777, dir_fd=self.root)
+        self._simple(o.Chmod(op_path(path), mode & 0o7777), os.chmod, backing_path(path),
+                     mode & 0o7777, dir_fd=self.root)
+        if carries(mode, False):
+            self._gained_privileges(backing_path(path))
+        return 0
 
     def chown(self, path: str, uid: int, gid: int) -> int:
         return self._simple(o.Chown(op_path(path), uid, gid), os.chown, backing_path(path), uid,
@@ -407,9 +419,11 @@ class MirrorFS(DataPath, mfusepy.Operations):  # type: ignore[misc]
         return 0
 
     def setxattr(self, path: str, name: str, value: bytes, options: int, *args: Any) -> int:
-        return self._simple(o.SetXattr(op_path(path), name, value, options), os.setxattr,
-                            self._xpath(path), name, value, options,
-                            follow_symlinks=path == "/")
+        self._simple(o.SetXattr(op_path(path), name, value, options), os.setxattr,
+                     self._xpath(path), name, value, options, follow_symlinks=path == "/")
+        if name == CAPS:
+            self._gained_privileges(backing_path(path))
+        return 0
 
     def removexattr(self, path: str, name: str) -> int:
         return self._simple(o.RemoveXattr(op_path(path), name), os.removexattr, self._xpath(path),

@@ -1,0 +1,120 @@
+"""Setuid, setgid and file capabilities through the mirror behave as on the local file system.
+
+A write or truncation by a process without CAP_FSETID drops a file's setuid bit (and setgid
+with group-execute); any write or truncation drops its file capabilities. The FUSE kernel
+leaves that to the file system for direct-I/O handles (the mirror's write-only and O_DIRECT
+opens) and for O_TRUNC opens (hvha.replication.killpriv). Each case runs the same command on
+a plain directory of the same ext4 and on a real mirror mount, and the mode and capabilities
+must match there and on the replica. "Unprivileged" is root without CAP_FSETID (setpriv), so
+the capability, not the uid, is what is tested."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tests.integration.test_mirrorfs import Env
+from tests.replay_helper import serving
+
+from hvha.replication.killpriv import CAPS
+
+NET_RAW = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_raw=ep
+UNPRIVILEGED = ["setpriv", "--bounding-set=-fsetid"]
+DIRECT = ("import mmap, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_DIRECT); "
+          "os.pwrite(fd, mmap.mmap(-1, 4096), 0)")
+CASES = {  # name: (argv after the prefix, with {f} for the file; without CAP_FSETID?)
+    "write-only append": (["sh", "-c", 'echo more >> "$0"', "{f}"], True),
+    "O_TRUNC open": (["sh", "-c", ': > "$0"', "{f}"], True),
+    "truncate": (["truncate", "-s", "1", "{f}"], True),
+    "read-write pwrite": (["python3", "-c", "import os, sys; os.pwrite(os.open(sys.argv[1], "
+                           "os.O_RDWR), b'y', 0)", "{f}"], True),
+    "O_DIRECT pwrite": (["python3", "-c", DIRECT, "{f}"], True),
+    "large write-only": (["python3", "-c", "import mmap, os, sys; os.write(os.open(sys.argv[1],"
+                          " os.O_WRONLY), mmap.mmap(-1, 1 << 20))", "{f}"], True),
+    "write-only append with CAP_FSETID": (["sh", "-c", 'echo more >> "$0"', "{f}"], False),
+}
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/fuse") or not shutil.which("setpriv"),
+    reason="needs root, /dev/fuse and setpriv (util-linux) to run a writer without "
+           "CAP_FSETID")
+
+
+@pytest.fixture
+def env() -> Iterator[Env]:
+    top = tempfile.mkdtemp(prefix="hvha-privs-")
+    os.chmod(top, 0o755)
+    os.makedirs(os.path.join(top, "bare"))
+    e = Env(Path(top))
+    try:
+        with serving(e.mount):
+            yield e
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def state(path: str) -> tuple[str, bool]:
+    try:
+        caps = bool(os.getxattr(path, CAPS))
+    except OSError:
+        caps = False
+    return f"{os.stat(path).st_mode & 0o7777:o}", caps
+
+
+def prepare(path: str, mode: int, caps: bool) -> None:
+    with open(path, "wb") as f:
+        f.write(b"x" * 8192)
+    os.chmod(path, mode)
+    if caps:
+        os.setxattr(path, CAPS, NET_RAW)
+    assert state(path) == (f"{mode:o}", caps), "the test could not set up the file"
+
+
+def run(argv: list[str], path: str, unprivileged: bool) -> None:
+    cmd = [a.replace("{f}", path) for a in argv]
+    subprocess.run((UNPRIVILEGED if unprivileged else []) + cmd, check=True, timeout=30)
+
+
+@pytest.mark.parametrize("mode,caps", [(0o6777, False), (0o2777, False), (0o2767, False),
+                                       (0o0755, True)],
+                         ids=["setuid+setgid", "setgid+g+x", "setgid-without-g+x", "file-caps"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_privileges_drop_as_on_the_local_file_system(env: Env, case: str, mode: int,
+                                                     caps: bool) -> None:
+    argv, unprivileged = CASES[case]
+    bare = str(Path(env.dir).parent / "bare" / "f")
+    prepare(bare, mode, caps)
+    run(argv, bare, unprivileged)
+    expected = state(bare)
+    prepare(env.p("f"), mode, caps)
+    run(argv, env.p("f"), unprivileged)
+    assert state(env.p("f")) == expected, f"{case}: the mirror differs from ext4"
+    assert state(os.path.join(env.replica, "f")) == expected, f"{case}: the replica differs"
+
+
+def test_a_file_given_setuid_while_open_drops_it_at_the_next_write(env: Env) -> None:
+    """A writer holds a write-only handle (not privileged when opened); root then makes the
+    file setuid; the writer's next write drops the bit, on both copies, as on ext4."""
+    script = ("import os, sys; fd = os.open(sys.argv[1], os.O_WRONLY); print(1, flush=True); "
+              "sys.stdin.readline(); os.write(fd, b'y')")
+    results = []
+    for path in (str(Path(env.dir).parent / "bare" / "g"), env.p("g")):
+        prepare(path, 0o777, False)
+        with subprocess.Popen([*UNPRIVILEGED, "python3", "-c", script, path],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
+            assert proc.stdout is not None and proc.stdin is not None
+            assert proc.stdout.readline().strip() == "1"
+            os.chmod(path, 0o4777)
+            proc.stdin.write("\n")
+            proc.stdin.close()
+            assert proc.wait(timeout=30) == 0
+        results.append(state(path))
+    assert results[0] == ("777", False)
+    assert results[1] == results[0]
+    assert state(os.path.join(env.replica, "g")) == results[0]
+
