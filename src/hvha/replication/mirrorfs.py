@@ -39,6 +39,7 @@ from hvha.replication.mirrordata import DataPath, ReplicationSink, _fail
 from hvha.replication.mirrorrules import (
     OpenPlan,
     backing_path,
+    creation_mode,
     creation_owner,
     dirent_type,
     lost_mode_bits,
@@ -59,6 +60,12 @@ AT_SYMLINK_NOFOLLOW = 0x100
 _STATVFS_FIELDS = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
                    "f_ffree", "f_favail", "f_namemax")
 COPY_CHUNK = 16 << 20  # copy_file_range: largest range replicated per request (bounded memory)
+ACL_DEFAULT = "system.posix_acl_default"
+
+
+def _caller_umask() -> int:
+    """The umask of the process whose request this thread serves (libfuse's fuse_context)."""
+    return int(mfusepy._libfuse.fuse_get_context().contents.umask)
 
 
 # -- pure translation rules
@@ -166,11 +173,26 @@ class MirrorFS(DataPath, mfusepy.Operations):  # type: ignore[misc]
     def _xpath(self, path: str) -> str:
         return self._proc + path if path != "/" else self._proc
 
-    def _own_new(self, path: str, st: os.stat_result, requested_mode: int) -> list[Op]:
-        """Fix the daemon umask and ownership of a just-created entry; ops that replicate it."""
+    def _requested(self, path: str, mode: int) -> tuple[int, bool]:
+        """The mode to create `path` with, and whether its parent has a default ACL. The
+        kernel passes the caller's mode unmasked (FUSE_CAP_DONT_MASK, mount.py) with its
+        umask: as on a local file system, the umask applies unless the parent has a default
+        ACL, which then decides (the backing file system applies it)."""
+        parent = path.rsplit("/", 1)[0] or "/"
+        try:
+            inherits = bool(os.getxattr(self._xpath(parent), ACL_DEFAULT,
+                                        follow_symlinks=parent == "/"))
+        except OSError:
+            inherits = False
+        return creation_mode(mode, _caller_umask(), inherits), inherits
+
+    def _own_new(self, path: str, st: os.stat_result, requested_mode: int,
+                 inherits: bool = False) -> list[Op]:
+        """Fix the daemon umask and ownership of a just-created entry; ops that replicate it.
+        (Under a default ACL the daemon's umask was not applied: nothing to fix.)"""
         bp = backing_path(path)
         pending: list[Op] = []
-        lost = lost_mode_bits(requested_mode, st.st_mode)
+        lost = 0 if inherits else lost_mode_bits(requested_mode, st.st_mode)
         if lost and not stat.S_ISLNK(st.st_mode):
             os.chmod(bp, (st.st_mode & 0o7777) | lost, dir_fd=self.root)
         uid, gid, _ = mfusepy.fuse_get_context()
@@ -243,10 +265,10 @@ class MirrorFS(DataPath, mfusepy.Operations):  # type: ignore[misc]
     def create(self, path: str, mode: int, fi: Any) -> int:
         bp, plan = backing_path(path), open_plan(fi.flags)
         pending: list[Op] = []
+        mode, inherits = self._requested(path, mode)
         with self.sink.ordered():
             try:
-                fd = os.open(bp, plan.flags | os.O_CREAT | os.O_EXCL, mode & 0o7777,
-                             dir_fd=self.root)
+                fd = os.open(bp, plan.flags | os.O_CREAT | os.O_EXCL, mode, dir_fd=self.root)
             except FileExistsError:
                 if fi.flags & os.O_EXCL:
                     raise
@@ -257,9 +279,9 @@ class MirrorFS(DataPath, mfusepy.Operations):  # type: ignore[misc]
             else:
                 try:
                     st = os.fstat(fd)
-                    own = self._own_new(path, st, mode)
-                    pending = [o.Create(op_path(path), (st.st_mode & 0o7777)
-                                  | lost_mode_bits(mode, st.st_mode)), *own]
+                    own = self._own_new(path, st, mode, inherits)
+                    pending = [o.Create(op_path(path), (st.st_mode & 0o7777) | (
+                        0 if inherits else lost_mode_bits(mode, st.st_mode))), *own]
                 except BaseException:
                     os.close(fd)
                     raise
@@ -332,10 +354,11 @@ class MirrorFS(DataPath, mfusepy.Operations):  # type: ignore[misc]
     def mknod(self, path: str, mode: int, dev: int) -> int:
         """FIFOs and sockets where `exclude` says so (they live here only); nothing else."""
         if (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)) and self.excludes.excluded(op_path(path)):
+            perm, inherits = self._requested(path, mode)
             with self.sink.ordered():
-                os.mknod(backing_path(path), mode, dir_fd=self.root)
+                os.mknod(backing_path(path), stat.S_IFMT(mode) | perm, dir_fd=self.root)
                 st = os.stat(backing_path(path), dir_fd=self.root, follow_symlinks=False)
-                self._own_new(path, st, mode)  # owner of the caller; the ops are not streamed
+                self._own_new(path, st, perm, inherits)  # the caller's; the ops stay here
             return 0
         log.warning("refusing to create special file %s (mode %o): devices cannot be replicated;"
                     " FIFOs and sockets can live here if an `exclude` pattern of the replicated "
@@ -343,19 +366,22 @@ class MirrorFS(DataPath, mfusepy.Operations):  # type: ignore[misc]
         raise _fail(errno.EPERM)
 
     def _new_entry(self, path: str, mode: int, local: Callable[[str], None],
-                   op_of: Callable[[os.stat_result], Op]) -> int:
+                   op_of: Callable[[os.stat_result], Op], inherits: bool = False) -> int:
         bp = backing_path(path)
         with self.sink.ordered():
             local(bp)
             st = os.stat(bp, dir_fd=self.root, follow_symlinks=False)
-            seqs = [self._enqueue(op) for op in (op_of(st), *self._own_new(path, st, mode))]
+            seqs = [self._enqueue(op)
+                    for op in (op_of(st), *self._own_new(path, st, mode, inherits))]
         self._wait(seqs[-1])
         return 0
 
     def mkdir(self, path: str, mode: int) -> int:
-        return self._new_entry(path, mode, lambda bp: os.mkdir(bp, mode & 0o7777, dir_fd=self.root),
-                               lambda st: o.Mkdir(op_path(path), (st.st_mode & 0o7777)
-                                                  | lost_mode_bits(mode, st.st_mode)))
+        mode, inherits = self._requested(path, mode)
+        return self._new_entry(path, mode, lambda bp: os.mkdir(bp, mode, dir_fd=self.root),
+                               lambda st: o.Mkdir(op_path(path), (st.st_mode & 0o7777) | (
+                                   0 if inherits else lost_mode_bits(mode, st.st_mode))),
+                               inherits)
 
     def symlink(self, path: str, target: str) -> int:
         return self._new_entry(path, 0, lambda bp: os.symlink(target, bp, dir_fd=self.root),

@@ -52,6 +52,12 @@ def creation_owner(ctx_uid: int, ctx_gid: int, parent_mode: int,
     return ctx_uid, (parent_gid if parent_mode & stat.S_ISGID else ctx_gid)
 
 
+def creation_mode(mode: int, umask: int, inherits: bool) -> int:
+    """Permission bits to create an entry with: the caller's umask applies unless the parent
+    directory has a default ACL (`inherits`: POSIX lets the ACL decide instead)."""
+    return mode & 0o7777 if inherits else mode & 0o7777 & ~umask
+
+
 def lost_mode_bits(requested: int, actual: int) -> int:
     """Permission bits the caller asked for but the daemon's own umask removed."""
     return requested & 0o777 & ~actual

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 MNT_DETACH = 2
 FUSE_CAP_WRITEBACK_CACHE = 1 << 16
+FUSE_CAP_DONT_MASK = 1 << 6
+FUSE_CAP_POSIX_ACL = 1 << 19
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _lib = mfusepy._libfuse
@@ -158,6 +160,11 @@ class _Adaptor(mfusepy.FUSE):  # type: ignore[misc]
     def init_fuse_3(self, conn: Any, config: Any) -> None:
         if conn:  # write() must return only after the secondary has the data: no writeback
             conn.contents.want &= ~FUSE_CAP_WRITEBACK_CACHE
+            # POSIX ACLs as on the backing file system: the kernel enforces them, and passes
+            # the caller's mode unmasked with its umask (mirrorfs.py `_requested` applies it,
+            # or the parent's default ACL decides)
+            conn.contents.want |= conn.contents.capable & (FUSE_CAP_POSIX_ACL
+                                                           | FUSE_CAP_DONT_MASK)
         if config:  # st_ino from the backing fs (hard links share it); no .fuse_hidden files
             config.contents.use_ino = 1
             config.contents.hard_remove = 1

@@ -1,17 +1,25 @@
-"""Setuid, setgid and file capabilities through the mirror behave as on the local file system.
+"""Permissions through the mirror behave as on the local file system: setuid, setgid and file
+capabilities dropped by writes, POSIX ACLs enforced and inherited, the creator's umask.
+
+Each case runs the same command on a plain directory of the same ext4 and on a real mirror
+mount, and the outcome (mode, ACLs, access granted or denied) must match there and on the
+replica.
 
 A write or truncation by a process without CAP_FSETID drops a file's setuid bit (and setgid
 with group-execute); any write or truncation drops its file capabilities. The FUSE kernel
 leaves that to the file system for direct-I/O handles (the mirror's write-only and O_DIRECT
-opens) and for O_TRUNC opens (hvha.replication.killpriv). Each case runs the same command on
-a plain directory of the same ext4 and on a real mirror mount, and the mode and capabilities
-must match there and on the replica. "Unprivileged" is root without CAP_FSETID (setpriv), so
-the capability, not the uid, is what is tested."""
+opens) and for O_TRUNC opens (hvha.replication.killpriv). "Unprivileged" is root without
+CAP_FSETID (setpriv), so the capability, not the uid, is what is tested.
+
+ACLs and the umask: the mount asks for FUSE_CAP_POSIX_ACL (the kernel enforces ACLs) and
+FUSE_CAP_DONT_MASK (the mirror applies the creator's umask, unless the parent directory has a
+default ACL, which POSIX lets decide instead)."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -118,3 +126,82 @@ def test_a_file_given_setuid_while_open_drops_it_at_the_next_write(env: Env) -> 
     assert results[1] == results[0]
     assert state(os.path.join(env.replica, "g")) == results[0]
 
+
+
+# -- POSIX ACLs and the umask
+ACCESS, DEFAULT = "system.posix_acl_access", "system.posix_acl_default"
+USER_OBJ, USER, GROUP_OBJ, MASK, OTHER, ANY = 0x01, 0x02, 0x04, 0x10, 0x20, 0xFFFFFFFF
+NOBODY = 65534
+
+
+def acl(*entries: tuple[int, int, int]) -> bytes:
+    """The xattr form of an ACL (version 2, then tag, permissions, id per entry)."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def acls(path: str) -> tuple[str, str, str]:
+    out = [f"{os.stat(path).st_mode & 0o7777:o}"]
+    for name in (ACCESS, DEFAULT):
+        try:
+            out.append(os.getxattr(path, name).hex())
+        except OSError:
+            out.append("-")
+    return out[0], out[1], out[2]
+
+
+def as_nobody(script: str, *args: str) -> str:
+    out = subprocess.run(["python3", "-c", script, *args], user=NOBODY, group=NOBODY,
+                         capture_output=True, text=True, timeout=30)
+    return out.stdout.strip() or out.stderr.strip().splitlines()[-1]
+
+
+TRY_WRITE = ("import sys\ntry:\n    open(sys.argv[1], 'a').write('more')\n    print('wrote')\n"
+             "except PermissionError:\n    print('denied')")
+
+
+@pytest.mark.parametrize("grant", [6, 0], ids=["acl-grants", "acl-mask-denies"])
+def test_acls_decide_access_as_on_the_local_file_system(env: Env, grant: int) -> None:
+    """A file whose mode alone denies nobody (0600 root) but whose ACL names nobody with rw,
+    and a mask of rw (granted) or --- (denied)."""
+    entries = ((USER_OBJ, 6, ANY), (USER, 6, NOBODY), (GROUP_OBJ, 0, ANY), (MASK, grant, ANY),
+               (OTHER, 0, ANY))
+    outcome = []
+    for d in (str(Path(env.dir).parent / "bare"), env.dir):
+        os.chmod(d, 0o755)
+        f = os.path.join(d, "shared")
+        with open(f, "w") as fh:
+            fh.write("x")
+        os.chmod(f, 0o600)
+        os.setxattr(f, ACCESS, acl(*entries))
+        outcome.append((as_nobody(TRY_WRITE, f), acls(f)))
+    assert outcome[0][0] == ("wrote" if grant else "denied")
+    assert outcome[1] == outcome[0]
+    assert acls(os.path.join(env.replica, "shared")) == outcome[0][1]
+
+
+CREATE = ("import os, sys; os.umask(int(sys.argv[2], 8)); "
+          "os.close(os.open(sys.argv[1] + '/f', os.O_CREAT | os.O_WRONLY, 0o666)); "
+          "os.close(os.open(sys.argv[1] + '/g', os.O_CREAT | os.O_WRONLY, 0o640)); "
+          "os.mkdir(sys.argv[1] + '/d', 0o777)")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o027, 0o000], ids=lambda u: f"umask-{u:03o}")
+@pytest.mark.parametrize("default_acl", [False, True], ids=["no-default-acl", "default-acl"])
+def test_new_entries_get_the_umask_or_the_default_acl(env: Env, umask: int,
+                                                      default_acl: bool) -> None:
+    """Files and a directory created under a given umask, in a directory with or without a
+    default ACL: the same modes and ACLs as on ext4, on the mount and on the replica."""
+    got = []
+    for d in (str(Path(env.dir).parent / "bare" / "new"), env.p("new")):
+        os.mkdir(d)
+        os.chmod(d, 0o777)
+        if default_acl:
+            os.setxattr(d, DEFAULT, acl((USER_OBJ, 7, ANY), (USER, 7, NOBODY),
+                                        (GROUP_OBJ, 5, ANY), (MASK, 7, ANY), (OTHER, 5, ANY)))
+        out = subprocess.run(["python3", "-c", CREATE, d, f"{umask:o}"], capture_output=True,
+                             text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        got.append({n: acls(os.path.join(d, n)) for n in ("f", "g", "d")})
+    assert got[1] == got[0], f"umask {umask:o}: the mirror differs from ext4"
+    replica = {n: acls(os.path.join(env.replica, "new", n)) for n in ("f", "g", "d")}
+    assert replica == got[0], "the replica differs"
