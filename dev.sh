@@ -41,7 +41,26 @@ setup() {
 LAB=/var/lib/hvha-lab/lab
 HVHA="$PWD/$VENV/bin/hvha"
 
+stop_agent() {  # $1: lab node; SIGTERM its supervised agent (by pid file), wait for it to end
+  local f="$LAB/$1/fs/var/lib/hvha/agent.pid" pid
+  [ -f "$f" ] || return 0
+  pid=$(cat "$f")
+  [ -n "$pid" ] && kill "$pid" 2>/dev/null || return 0
+  for _ in $(seq 600); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null || true
+}
+
 demo_down() {
+  # the agents first, the secondary's before the primary's, while the witness still runs: the
+  # primary then goes on alone and records at the witness that the other copy is outdated, so
+  # the next start knows which copy is newer without an operator (docs/arbitration.md)
+  if [ -x "$HVHA" ]; then
+    local rc=0 first=node2 last=node1
+    "$HVHA" state web --socket "$LAB/node1/fs/var/lib/hvha/control.sock" >/dev/null 2>&1 || rc=$?
+    if [ "$rc" -eq 4 ]; then first=node1; last=node2; fi   # exit 4: SECOND
+    stop_agent "$first"
+    stop_agent "$last"
+  fi
   for f in "$LAB"/demo/*.pid; do
     [ -f "$f" ] || continue
     pid=$(cat "$f"); kill "$pid" 2>/dev/null || true
@@ -67,8 +86,11 @@ demo() {
     (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$LAB/cluster.key")
   fi
   # the witness is the third machine's job: started here by hand, as an operator would
-  ip netns exec lab-witness setsid "$HVHA" witness --cluster lab --secret-file "$LAB/cluster.key" \
-    >"$LAB/demo/witness.log" 2>&1 </dev/null & echo $! >"$LAB/demo/witness.pid"
+  # (with a state directory: its data fences outlive a restart, docs/arbitration.md)
+  (umask 077; exec ip netns exec lab-witness setsid "$HVHA" witness --cluster lab \
+    --secret-file "$LAB/cluster.key" --state-dir "$LAB/demo/witness-state" \
+    >"$LAB/demo/witness.log" 2>&1 </dev/null) &
+  echo $! >"$LAB/demo/witness.pid"
   # the real control plane, over SSH: package pushed into /opt/hvha/venv on each node, bundle,
   # supervised agent, modules up in graph order
   "$HVHA" apply examples/lab.yaml --auto-approve
