@@ -23,7 +23,13 @@ from pathlib import Path
 import pytest
 from tests.replay_helper import ReplaySink, serving, tree_state
 
-from hvha.replication.mirrorrules import creation_owner, lost_mode_bits, op_path, open_plan
+from hvha.replication.mirrorrules import (
+    creation_mode,
+    creation_owner,
+    lost_mode_bits,
+    op_path,
+    open_plan,
+)
 from hvha.replication.mount import MirrorMount, cleanup_stale, is_mounted, parse_mountinfo
 from hvha.replication.ops import Chown, Fsync, Rename, Write
 
@@ -97,6 +103,9 @@ def test_pure_translation_rules() -> None:
     assert creation_owner(1000, 1000, 0o2775 | stat.S_IFDIR, 50) == (1000, 50)
     assert creation_owner(1000, 1000, 0o775 | stat.S_IFDIR, 50) == (1000, 1000)
     assert lost_mode_bits(0o666, 0o644) == 0o022 and lost_mode_bits(0o600, 0o600) == 0
+    assert creation_mode(0o100666, 0o022, False) == 0o644  # the creator's umask applies
+    assert creation_mode(0o4777, 0o077, False) == 0o4700
+    assert creation_mode(0o100666, 0o022, True) == 0o666  # a default ACL decides instead
     text = ("36 25 0:32 / /var/lib/vms/vm\\0401 rw - fuse.hvha hvha:/x rw\n"
             "37 25 0:33 / /tmp rw shared:1 - tmpfs tmpfs rw\n")
     assert parse_mountinfo(text) == [("/var/lib/vms/vm 1", "fuse.hvha"), ("/tmp", "tmpfs")]
