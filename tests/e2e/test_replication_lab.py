@@ -28,6 +28,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -288,10 +289,20 @@ def test_a_copy_left_behind_is_refused_the_primary_role(lab: Lab) -> None:
     assert write.wait(timeout=30) == 0
     stop_agent(lab, a)
     start_agent(lab, b)
-    time.sleep(6)  # several lease rounds: the witness must keep refusing
+    # several lease rounds (at least 6 s, however slow the agent is to ask): B is never
+    # primary, and once the witness answered, it says why
+    seen: list[dict[str, Any] | None] = []
+    deadline, refused = time.monotonic() + 60, 0.0
+    while not refused or time.monotonic() < refused + 6:
+        m = module(lab, b)
+        seen.append(m)
+        assert m is None or m["role"] not in ("PRIM", "ALONE"), m
+        if not refused and m is not None and "outdated" in m["reason"]:
+            refused = time.monotonic()
+        assert time.monotonic() < deadline, f"{b} never said its copy is outdated: {seen[-3:]}"
+        time.sleep(0.2)
     m = module(lab, b)
-    assert m is not None and m["role"] not in ("PRIM", "ALONE"), m
-    assert "outdated" in m["reason"], m["reason"]
+    assert m is not None and "outdated" in m["reason"], m
     assert not lab.node_path(b, f"{DATA}/left-behind").exists()
     start_agent(lab, a)
     _until(lambda: roles(lab) == {a: "PRIM", b: "SECOND"} and _in_sync(lab),

@@ -5,7 +5,8 @@ reaches the secondary before the caller is told it succeeded. Mounted over the d
 it does backing I/O through a descriptor opened before the mount (`root_fd`); each mutating
 handler runs `with sink.ordered(): apply locally; seq = sink.enqueue(op)` then `sink.wait(seq)`
 outside the lock. A local failure returns its errno and enqueues nothing; a sink failure returns
-EIO. The data path (write, fsync barriers, the local disk's faults) is in mirrordata.py.
+EIO. The data path (write, fsync barriers, the local disk's faults) is in mirrordata.py, new
+entries (create, mkdir, mknod, symlink: their owner and mode) in mirrornew.py.
 Binding: mfusepy / libfuse3 high level (benchmarks/fuse_bindings.py says why); mount.py runs it.
 
 O_DIRECT opens are served with FOPEN_DIRECT_IO (no kernel page cache for that open) while the
@@ -36,13 +37,11 @@ from hvha.replication.express import Express
 from hvha.replication.killpriv import CAPS, Privileged, carries
 from hvha.replication.localfault import FaultLatch
 from hvha.replication.mirrordata import DataPath, ReplicationSink, _fail
+from hvha.replication.mirrornew import NewEntries
 from hvha.replication.mirrorrules import (
     OpenPlan,
     backing_path,
-    creation_mode,
-    creation_owner,
     dirent_type,
-    lost_mode_bits,
     op_path,
     open_plan,
     stat_dict,
@@ -60,12 +59,6 @@ AT_SYMLINK_NOFOLLOW = 0x100
 _STATVFS_FIELDS = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
                    "f_ffree", "f_favail", "f_namemax")
 COPY_CHUNK = 16 << 20  # copy_file_range: largest range replicated per request (bounded memory)
-ACL_DEFAULT = "system.posix_acl_default"
-
-
-def _caller_umask() -> int:
-    """The umask of the process whose request this thread serves (libfuse's fuse_context)."""
-    return int(mfusepy._libfuse.fuse_get_context().contents.umask)
 
 
 # -- pure translation rules
@@ -85,7 +78,7 @@ def _check(ret: int) -> int:
 # -- the file system
 
 
-class MirrorFS(DataPath, mfusepy.Operations):  # type: ignore[misc]
+class MirrorFS(DataPath, NewEntries, mfusepy.Operations):  # type: ignore[misc]
     """Handlers called by the FUSE loop (see mount.py); `fi` is the raw fuse_file_info. The
     data path (read, write, fsync) is in mirrordata.py."""
 
@@ -173,37 +166,6 @@ class MirrorFS(DataPath, mfusepy.Operations):  # type: ignore[misc]
     def _xpath(self, path: str) -> str:
         return self._proc + path if path != "/" else self._proc
 
-    def _requested(self, path: str, mode: int) -> tuple[int, bool]:
-        """The mode to create `path` with, and whether its parent has a default ACL. The
-        kernel passes the caller's mode unmasked (FUSE_CAP_DONT_MASK, mount.py) with its
-        umask: as on a local file system, the umask applies unless the parent has a default
-        ACL, which then decides (the backing file system applies it)."""
-        parent = path.rsplit("/", 1)[0] or "/"
-        try:
-            inherits = bool(os.getxattr(self._xpath(parent), ACL_DEFAULT,
-                                        follow_symlinks=parent == "/"))
-        except OSError:
-            inherits = False
-        return creation_mode(mode, _caller_umask(), inherits), inherits
-
-    def _own_new(self, path: str, st: os.stat_result, requested_mode: int,
-                 inherits: bool = False) -> list[Op]:
-        """Fix the daemon umask and ownership of a just-created entry; ops that replicate it.
-        (Under a default ACL the daemon's umask was not applied: nothing to fix.)"""
-        bp = backing_path(path)
-        pending: list[Op] = []
-        lost = 0 if inherits else lost_mode_bits(requested_mode, st.st_mode)
-        if lost and not stat.S_ISLNK(st.st_mode):
-            os.chmod(bp, (st.st_mode & 0o7777) | lost, dir_fd=self.root)
-        uid, gid, _ = mfusepy.fuse_get_context()
-        pst = os.stat(backing_path(path.rsplit("/", 1)[0] or "/"), dir_fd=self.root)
-        uid, gid = creation_owner(uid, gid, pst.st_mode, pst.st_gid)
-        if (uid, gid) != (st.st_uid, st.st_gid):
-            os.chown(bp, uid, gid, dir_fd=self.root, follow_symlinks=False)
-        if (uid, gid) != (self._euid, self._egid):
-            pending.append(o.Chown(op_path(path), uid, gid))
-        return pending
-
     def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
         if fh is not None:
             return stat_dict(os.fstat(fh.fh))
@@ -260,35 +222,6 @@ class MirrorFS(DataPath, mfusepy.Operations):  # type: ignore[misc]
                 raise
         self._setup_handle(fi, fd, plan)
         self._wait(seq)
-        return 0
-
-    def create(self, path: str, mode: int, fi: Any) -> int:
-        bp, plan = backing_path(path), open_plan(fi.flags)
-        pending: list[Op] = []
-        mode, inherits = self._requested(path, mode)
-        with self.sink.ordered():
-            try:
-                fd = os.open(bp, plan.flags | os.O_CREAT | os.O_EXCL, mode, dir_fd=self.root)
-            except FileExistsError:
-                if fi.flags & os.O_EXCL:
-                    raise
-                fd = os.open(bp, plan.flags, dir_fd=self.root)  # lost a race: plain open
-                if plan.truncates:
-                    pending += [o.Truncate(op_path(path), 0),
-                                *self._drop_privileges(op_path(path), fd)]
-            else:
-                try:
-                    st = os.fstat(fd)
-                    own = self._own_new(path, st, mode, inherits)
-                    pending = [o.Create(op_path(path), (st.st_mode & 0o7777) | (
-                        0 if inherits else lost_mode_bits(mode, st.st_mode))), *own]
-                except BaseException:
-                    os.close(fd)
-                    raise
-            self._setup_handle(fi, fd, plan)
-            seqs = [self._enqueue(op) for op in pending]
-        if seqs:
-            self._wait(seqs[-1])
         return 0
 
     def release(self, path: str | None, fi: Any) -> int:
@@ -350,42 +283,6 @@ class MirrorFS(DataPath, mfusepy.Operations):  # type: ignore[misc]
             seq = self._enqueue(op)
         self._wait(seq)
         return 0
-
-    def mknod(self, path: str, mode: int, dev: int) -> int:
-        """FIFOs and sockets where `exclude` says so (they live here only); nothing else."""
-        if (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)) and self.excludes.excluded(op_path(path)):
-            perm, inherits = self._requested(path, mode)
-            with self.sink.ordered():
-                os.mknod(backing_path(path), stat.S_IFMT(mode) | perm, dir_fd=self.root)
-                st = os.stat(backing_path(path), dir_fd=self.root, follow_symlinks=False)
-                self._own_new(path, st, perm, inherits)  # the caller's; the ops stay here
-            return 0
-        log.warning("refusing to create special file %s (mode %o): devices cannot be replicated;"
-                    " FIFOs and sockets can live here if an `exclude` pattern of the replicated "
-                    "directory matches them (e.g. \"*.sock\")", path, mode)
-        raise _fail(errno.EPERM)
-
-    def _new_entry(self, path: str, mode: int, local: Callable[[str], None],
-                   op_of: Callable[[os.stat_result], Op], inherits: bool = False) -> int:
-        bp = backing_path(path)
-        with self.sink.ordered():
-            local(bp)
-            st = os.stat(bp, dir_fd=self.root, follow_symlinks=False)
-            seqs = [self._enqueue(op)
-                    for op in (op_of(st), *self._own_new(path, st, mode, inherits))]
-        self._wait(seqs[-1])
-        return 0
-
-    def mkdir(self, path: str, mode: int) -> int:
-        mode, inherits = self._requested(path, mode)
-        return self._new_entry(path, mode, lambda bp: os.mkdir(bp, mode, dir_fd=self.root),
-                               lambda st: o.Mkdir(op_path(path), (st.st_mode & 0o7777) | (
-                                   0 if inherits else lost_mode_bits(mode, st.st_mode))),
-                               inherits)
-
-    def symlink(self, path: str, target: str) -> int:
-        return self._new_entry(path, 0, lambda bp: os.symlink(target, bp, dir_fd=self.root),
-                               lambda st: o.Symlink(target, op_path(path)))
 
     def link(self, new: str, existing: str) -> int:
         if self.excludes:
