@@ -66,12 +66,15 @@ def env() -> Iterator[Env]:
         shutil.rmtree(top, ignore_errors=True)
 
 
-def state(path: str) -> tuple[str, bool]:
-    try:
-        caps = bool(os.getxattr(path, CAPS))
-    except OSError:
-        caps = False
-    return f"{os.stat(path).st_mode & 0o7777:o}", caps
+def state(path: str, *xattrs: str) -> tuple[str, ...]:
+    """The permission bits, then each extended attribute's value in hex ("-": none)."""
+    out = [f"{os.stat(path).st_mode & 0o7777:o}"]
+    for name in xattrs:
+        try:
+            out.append(os.getxattr(path, name).hex())
+        except OSError:
+            out.append("-")
+    return tuple(out)
 
 
 def prepare(path: str, mode: int, caps: bool) -> None:
@@ -80,7 +83,8 @@ def prepare(path: str, mode: int, caps: bool) -> None:
     os.chmod(path, mode)
     if caps:
         os.setxattr(path, CAPS, NET_RAW)
-    assert state(path) == (f"{mode:o}", caps), "the test could not set up the file"
+    assert state(path, CAPS) == (f"{mode:o}", NET_RAW.hex() if caps else "-"), \
+        "the test could not set up the file"
 
 
 def run(argv: list[str], path: str, unprivileged: bool) -> None:
@@ -98,11 +102,11 @@ def test_privileges_drop_as_on_the_local_file_system(env: Env, case: str, mode: 
     bare = str(Path(env.dir).parent / "bare" / "f")
     prepare(bare, mode, caps)
     run(argv, bare, unprivileged)
-    expected = state(bare)
+    expected = state(bare, CAPS)
     prepare(env.p("f"), mode, caps)
     run(argv, env.p("f"), unprivileged)
-    assert state(env.p("f")) == expected, f"{case}: the mirror differs from ext4"
-    assert state(os.path.join(env.replica, "f")) == expected, f"{case}: the replica differs"
+    assert state(env.p("f"), CAPS) == expected, f"{case}: the mirror differs from ext4"
+    assert state(os.path.join(env.replica, "f"), CAPS) == expected, f"{case}: the replica differs"
 
 
 def test_a_file_given_setuid_while_open_drops_it_at_the_next_write(env: Env) -> None:
@@ -121,10 +125,10 @@ def test_a_file_given_setuid_while_open_drops_it_at_the_next_write(env: Env) -> 
             proc.stdin.write("\n")
             proc.stdin.close()
             assert proc.wait(timeout=30) == 0
-        results.append(state(path))
-    assert results[0] == ("777", False)
+        results.append(state(path, CAPS))
+    assert results[0] == ("777", "-")
     assert results[1] == results[0]
-    assert state(os.path.join(env.replica, "g")) == results[0]
+    assert state(os.path.join(env.replica, "g"), CAPS) == results[0]
 
 
 
@@ -139,14 +143,8 @@ def acl(*entries: tuple[int, int, int]) -> bytes:
     return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
 
 
-def acls(path: str) -> tuple[str, str, str]:
-    out = [f"{os.stat(path).st_mode & 0o7777:o}"]
-    for name in (ACCESS, DEFAULT):
-        try:
-            out.append(os.getxattr(path, name).hex())
-        except OSError:
-            out.append("-")
-    return out[0], out[1], out[2]
+def acls(path: str) -> tuple[str, ...]:
+    return state(path, ACCESS, DEFAULT)
 
 
 def as_nobody(script: str, *args: str) -> str:
